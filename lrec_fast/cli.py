@@ -1,0 +1,192 @@
+"""``lrec-fast``: the command line (demo, info). The only module that prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ._version import __version__
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _plot(path: Path, results: dict[str, Any], k: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, metric in zip(axes, ["rmse", f"hr@{k}", f"ndcg@{k}"], strict=True):
+        for name, res in results.items():
+            xs = [s["start"] + s["events"] for s in res.segments]
+            ax.plot(xs, [s[metric] for s in res.segments], marker="o", ms=3, label=name)
+        ax.set_title(metric.upper())
+        ax.set_xlabel("stream events")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("MovieLens-100k, prequential (test-then-train) over the second half")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .data import load_movielens_100k
+    from .evaluate import history_of, prequential
+    from .service import Recommender
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    print(f"lrec-fast {__version__} demo -> {out}")
+    ds = load_movielens_100k(args.data)
+    ev = ds.events
+    n_warm = len(ev) // 2
+    warm, stream = ev.take(slice(0, n_warm)), ev.take(slice(n_warm, None))
+    print(f"MovieLens-100k: {len(ev):,} ratings; warm-up {len(warm):,}, stream {len(stream):,} "
+          f"in micro-batches of {args.batch_size}")  # fmt: skip
+
+    t0 = time.perf_counter()
+    rec = Recommender(encoder=args.encoder)
+    rec.add_items(ds.item_ids, ds.item_text)
+    t_enc = time.perf_counter() - t0
+    print(f"catalogue: {rec.n_items} items encoded with {rec.encoder.name} in {t_enc:.1f}s "
+          f"(kernel backend: {rec.backend})")  # fmt: skip
+    t0 = time.perf_counter()
+    fit = rec.fit(warm.user, warm.item, warm.rating)
+    t_fit = time.perf_counter() - t0
+    print(f"warm-up fit: {fit.epochs} epochs (best {fit.best_epoch}, validation RMSE "
+          f"{min(fit.val_rmse):.4f}) in {t_fit:.1f}s")  # fmt: skip
+    rec.save(out / "model_warmup")
+    static = Recommender.load(out / "model_warmup", cache_dir=None)
+
+    results = {}
+    times = {}
+    for name, model, learn in (("static", static, False), ("lifelong", rec, True)):
+        t0 = time.perf_counter()
+        with tqdm(total=len(stream), desc=f"{name:>8}", unit="ev", file=sys.stderr,
+                  disable=args.quiet) as bar:  # fmt: skip
+            results[name] = prequential(
+                model, stream, history_of(warm), learn=learn, batch_size=args.batch_size,
+                segment=args.segment, name=name, on_batch=bar.update,
+            )  # fmt: skip
+        times[name] = time.perf_counter() - t0
+    rec.save(out / "model")
+
+    k = 10
+    keys = ["rmse", f"hr@{k}", f"ndcg@{k}"]
+    rows = [["segment", "events"] + [f"{m} {n}" for m in keys for n in ("static", "lifelong")]]
+    segs = zip(results["static"].segments, results["lifelong"].segments, strict=True)
+    for i, (a, b) in enumerate(segs):
+        rows.append([str(i + 1), f"{int(a['start']):,}+"]
+                    + [f"{s[m]:.4f}" for m in keys for s in (a, b)])  # fmt: skip
+    a, b = results["static"].overall, results["lifelong"].overall
+    rows.append(
+        ["overall", f"{int(a['events']):,}"] + [f"{s[m]:.4f}" for m in keys for s in (a, b)]
+    )
+    print()
+    print(_table(rows))
+    lo = results["lifelong"].overall
+    print(f"\nlifelong updates: {lo['update_ms_per_batch']:.2f} ms per micro-batch of "
+          f"{args.batch_size} (torch reference path), rejected batches: "
+          f"{int(lo['rejected_batches'])}")  # fmt: skip
+
+    _example(rec, ds)
+    _plot(out / "metrics.png", results, k)
+    report = {
+        name: {m: res.overall[m] for m in keys} for name, res in results.items()
+    } | {
+        "segments": {name: res.segments for name, res in results.items()},
+        "details": {name: res.overall for name, res in results.items()},
+        "config": {"batch_size": args.batch_size, "segment": args.segment,
+                   "warmup_events": len(warm), "stream_events": len(stream),
+                   "learner": rec.config.as_dict(), "dim": rec.state.dim,
+                   "backend": rec.backend, "encoder": rec.encoder.name},
+        "seconds": {"encode": t_enc, "fit": t_fit, **times,
+                    "total": time.perf_counter() - t_all},
+    }  # fmt: skip
+    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    print(f"\nwrote {out / 'report.json'}, {out / 'metrics.png'}, checkpoints in {out}/model*")
+    print(f"demo took {time.perf_counter() - t_all:.1f}s")
+    return 0
+
+
+def _example(rec: Any, ds: Any) -> None:
+    """A brand-new user before and after one micro-batch of feedback."""
+    text = ds.text_of()
+    user = "demo-user"
+    sci = [j for j, t in text.items() if "Sci-Fi" in t and "Action" in t]
+    rom = [j for j, t in text.items() if "Romance" in t and "Comedy" in t]
+    liked, disliked, probe = sci[:6], rom[:6], [sci[6], rom[6]]
+    before, _ = rec.recommend([user], k=5)
+    p0 = rec.predict([user, user], probe)
+    items = liked + disliked
+    rec.feedback([user] * len(items), items, [5.0] * len(liked) + [1.0] * len(disliked))
+    after, scores = rec.recommend([user], k=5)
+    p1 = rec.predict([user, user], probe)
+    print(f"\nexample: new user {user!r}")
+    print("  before any feedback (cold start = the mean user):")
+    for j in before[0]:
+        print(f"    {text[int(j)]}")
+    print(f"  one feedback call: {len(liked)} sci-fi action films rated 5, "
+          f"{len(disliked)} romantic comedies rated 1")  # fmt: skip
+    print("  right after it:")
+    for j, s in zip(after[0], scores[0], strict=True):
+        print(f"    {s:4.2f}  {text[int(j)]}")
+    for j, a, b in zip(probe, p0, p1, strict=True):
+        print(f"  predicted rating of unseen {text[j]!r}: {a:.2f} -> {b:.2f}")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from .kernels import available_backends, resolve_backend
+
+    print(f"lrec-fast {__version__}, torch {torch.__version__}")
+    print(f"backends available: {', '.join(available_backends())}; "
+          f"selected: {resolve_backend(None).name}")  # fmt: skip
+    import importlib.util
+
+    if importlib.util.find_spec("lrec_fast._wordpiece") is not None:
+        print("C++ extension lrec_fast._wordpiece: built")
+    else:
+        print("C++ extension lrec_fast._wordpiece: missing (HF tokenizers fallback)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lrec-fast", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"lrec-fast {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="MovieLens-100k: static vs lifelong, prequential")
+    demo.add_argument("--out", default="runs/demo", help="output folder")
+    demo.add_argument("--data", default=None, help="folder with ml-100k files (default: cache)")
+    demo.add_argument("--batch-size", type=int, default=100, help="events per micro-batch")
+    demo.add_argument("--segment", type=int, default=2500, help="events per report segment")
+    demo.add_argument("--encoder", default=None, help="text encoder (default all-MiniLM-L6-v2)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=cmd_demo)
+    info = sub.add_parser("info", help="version, backends, extension")
+    info.set_defaults(func=cmd_info)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""The model state: latent tables with lazy-decay scales, biases, global mean, text projection,
+id maps; and its checkpoint format (safetensors + JSON, written atomically, never pickled).
+
+Score of user i for item j (DESIGN.md):  y_hat = mu + b_u[i] + b_v[j] + <U[i], V[j]>,
+where each of U, V, b_u, b_v is stored as ``scale * raw`` (``scales``, float64 [4]).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._io import fsync_dir
+from .kernels.reference import SCALE_ITEM, SCALE_ITEM_BIAS, SCALE_USER, SCALE_USER_BIAS
+
+FORMAT_VERSION = 1
+TENSORS_FILE, STATE_FILE = "model.safetensors", "state.json"
+
+Id = int | str
+
+
+class Rows:
+    """A row table that grows in amortised O(1) (capacity doubling); ``.t`` is the live view."""
+
+    def __init__(self, width: int | None, dtype: torch.dtype = torch.float32) -> None:
+        shape = (16, width) if width is not None else (16,)
+        self._buf = torch.zeros(shape, dtype=dtype)
+        self.n = 0
+
+    @property
+    def t(self) -> torch.Tensor:
+        return self._buf[: self.n]
+
+    def append(self, rows: torch.Tensor) -> None:
+        need = self.n + rows.shape[0]
+        if need > self._buf.shape[0]:
+            cap = max(need, 2 * self._buf.shape[0])
+            buf = torch.zeros((cap, *self._buf.shape[1:]), dtype=self._buf.dtype)
+            buf[: self.n] = self._buf[: self.n]
+            self._buf = buf
+        self._buf[self.n : need] = rows.to(self._buf.dtype)
+        self.n = need
+
+    def set(self, rows: torch.Tensor) -> None:
+        self.n = 0
+        self.append(rows)
+
+
+class IdMap:
+    """The caller's ids (int or str) <-> dense row indices, in order of arrival."""
+
+    def __init__(self, ids: Iterable[Id] = ()) -> None:
+        self.ids: list[Id] = []
+        self.index: dict[Id, int] = {}
+        for i in ids:
+            self.add(i)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self.index
+
+    def add(self, key: Id) -> int:
+        if key in self.index:
+            return self.index[key]
+        self.index[key] = len(self.ids)
+        self.ids.append(key)
+        return self.index[key]
+
+
+@dataclass
+class ModelState:
+    """All learned numbers of a Recommender. Row i of the user tables is user ``users.ids[i]``."""
+
+    dim: int
+    text_dim: int
+    users: IdMap = field(default_factory=IdMap)
+    items: IdMap = field(default_factory=IdMap)
+    user_rows: Rows = field(init=False)
+    item_rows: Rows = field(init=False)
+    user_bias: Rows = field(init=False)
+    item_bias: Rows = field(init=False)
+    item_text: Rows = field(init=False)  # unit-norm text embeddings, float32 [n_items, text_dim]
+    # Per-item number of ratings learned from (decides which items the projection is fitted on).
+    item_count: Rows = field(init=False)
+    scales: torch.Tensor = field(default_factory=lambda: torch.ones(4, dtype=torch.float64))
+    mu: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.float64))
+    # Text projection: [V row | b_v] ~= proj @ e_j, float32 [dim + 1, text_dim].
+    proj: torch.Tensor = field(init=False)
+    proj_fitted: bool = False
+    seen: list[set[int]] = field(default_factory=list)  # item rows each user interacted with
+
+    def __post_init__(self) -> None:
+        self.user_rows = Rows(self.dim)
+        self.item_rows = Rows(self.dim)
+        self.user_bias = Rows(None)
+        self.item_bias = Rows(None)
+        self.item_text = Rows(self.text_dim)
+        self.item_count = Rows(None, torch.int64)
+        self.proj = torch.zeros(self.dim + 1, self.text_dim)
+
+    # -- views of the true (decayed) values -------------------------------------------------
+    def true_user_rows(self) -> torch.Tensor:
+        return self.user_rows.t * float(self.scales[SCALE_USER])
+
+    def true_item_rows(self) -> torch.Tensor:
+        return self.item_rows.t * float(self.scales[SCALE_ITEM])
+
+    def true_user_bias(self) -> torch.Tensor:
+        return self.user_bias.t * float(self.scales[SCALE_USER_BIAS])
+
+    def true_item_bias(self) -> torch.Tensor:
+        return self.item_bias.t * float(self.scales[SCALE_ITEM_BIAS])
+
+    def fold_scales(self, threshold: float) -> None:
+        """Fold a scale back into its raw table once it falls below ``threshold`` (rare, O(Nd)),
+        so raw values never grow without bound."""
+        tables = {SCALE_USER: self.user_rows, SCALE_ITEM: self.item_rows,
+                  SCALE_USER_BIAS: self.user_bias, SCALE_ITEM_BIAS: self.item_bias}  # fmt: skip
+        for k, rows in tables.items():
+            s = float(self.scales[k])
+            if s < threshold:
+                rows.t.mul_(s)
+                self.scales[k] = 1.0
+
+    # -- growth --------------------------------------------------------------------------
+    def add_users(self, ids: list[Id], rows: torch.Tensor, bias: torch.Tensor) -> None:
+        """Append users with the given TRUE rows [n, dim] and biases [n]."""
+        for i in ids:
+            self.users.add(i)
+            self.seen.append(set())
+        self.user_rows.append(rows / float(self.scales[SCALE_USER]))
+        self.user_bias.append(bias / float(self.scales[SCALE_USER_BIAS]))
+
+    def add_items(self, ids: list[Id], rows: torch.Tensor, bias: torch.Tensor,
+                  text_emb: torch.Tensor) -> None:  # fmt: skip
+        """Append items with the given TRUE rows [n, dim], biases [n], embeddings [n, text_dim]."""
+        for i in ids:
+            self.items.add(i)
+        self.item_rows.append(rows / float(self.scales[SCALE_ITEM]))
+        self.item_bias.append(bias / float(self.scales[SCALE_ITEM_BIAS]))
+        self.item_text.append(text_emb)
+        self.item_count.append(torch.zeros(len(ids), dtype=torch.int64))
+
+    # -- snapshots (rollback) --------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the state (live rows only), for checkpoints and snapshots."""
+        indptr = np.zeros(len(self.seen) + 1, dtype=np.int64)
+        indptr[1:] = np.cumsum([len(s) for s in self.seen])
+        flat = [j for s in self.seen for j in sorted(s)]
+        return {
+            "user_rows": self.user_rows.t, "item_rows": self.item_rows.t,
+            "user_bias": self.user_bias.t, "item_bias": self.item_bias.t,
+            "item_text": self.item_text.t, "item_count": self.item_count.t,
+            "scales": self.scales, "mu": self.mu, "proj": self.proj,
+            "seen_indptr": torch.from_numpy(indptr),
+            "seen_indices": torch.tensor(flat, dtype=torch.int64),
+        }  # fmt: skip
+
+    def load_tensors(self, t: dict[str, torch.Tensor]) -> None:
+        for name in ("user_rows", "item_rows", "user_bias", "item_bias", "item_text",
+                     "item_count"):  # fmt: skip
+            getattr(self, name).set(t[name].clone())
+        self.scales = t["scales"].clone().to(torch.float64)
+        self.mu = t["mu"].clone().to(torch.float64)
+        self.proj = t["proj"].clone()
+        ptr, idx = t["seen_indptr"].tolist(), t["seen_indices"].tolist()
+        self.seen = [set(idx[ptr[i] : ptr[i + 1]]) for i in range(len(ptr) - 1)]
+
+    def snapshot(self) -> dict[str, Any]:
+        """A deep copy to roll back to (tensors plus id maps)."""
+        return {
+            "tensors": {k: v.clone() for k, v in self.tensors().items()},
+            "users": list(self.users.ids), "items": list(self.items.ids),
+            "proj_fitted": self.proj_fitted,
+        }  # fmt: skip
+
+    def mark(self) -> tuple[int, int]:
+        """Sizes to roll growth back to with ``truncate`` (O(1), unlike ``snapshot``)."""
+        return len(self.users), len(self.items)
+
+    def truncate(self, mark: tuple[int, int]) -> None:
+        """Drop users and items appended since ``mark``."""
+        nu, ni = mark
+        for key in self.users.ids[nu:]:
+            del self.users.index[key]
+        for key in self.items.ids[ni:]:
+            del self.items.index[key]
+        del self.users.ids[nu:], self.items.ids[ni:], self.seen[nu:]
+        self.user_rows.n = self.user_bias.n = nu
+        self.item_rows.n = self.item_bias.n = self.item_text.n = self.item_count.n = ni
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        self.users, self.items = IdMap(snap["users"]), IdMap(snap["items"])
+        self.load_tensors(snap["tensors"])
+        self.proj_fitted = snap["proj_fitted"]
+
+
+def save_state(directory: str | Path, state: ModelState, config: dict[str, Any]) -> None:
+    """Write ``model.safetensors`` + ``state.json`` into ``directory`` atomically: everything
+    goes to a temp folder beside it (files fsynced), which then replaces ``directory``."""
+    from safetensors.torch import save_file
+
+    target = Path(directory).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        tensors = {k: v.contiguous() for k, v in state.tensors().items()}
+        save_file(tensors, str(tmp / TENSORS_FILE))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "config": config,
+            "dim": state.dim,
+            "text_dim": state.text_dim,
+            "users": state.users.ids,
+            "items": state.items.ids,
+            "proj_fitted": state.proj_fitted,
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(meta), encoding="utf-8")
+        for f in (TENSORS_FILE, STATE_FILE):
+            with open(tmp / f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_state(directory: str | Path) -> tuple[ModelState, dict[str, Any]]:
+    """Read a checkpoint written by ``save_state``; returns (state, config)."""
+    from safetensors.torch import load_file
+
+    folder = Path(directory)
+    try:
+        meta = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{folder} is not an lrec_fast checkpoint: {exc}") from exc
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"checkpoint format {meta.get('format_version')} is not supported "
+            f"(this lrec_fast reads {FORMAT_VERSION})"
+        )
+    state = ModelState(dim=int(meta["dim"]), text_dim=int(meta["text_dim"]))
+    state.load_tensors(load_file(str(folder / TENSORS_FILE)))
+    state.users, state.items = IdMap(meta["users"]), IdMap(meta["items"])
+    state.proj_fitted = bool(meta["proj_fitted"])
+    if len(state.users) != state.user_rows.n or len(state.items) != state.item_rows.n:
+        raise ValueError(f"{folder}: id maps and tables disagree in size")
+    return state, meta["config"]

@@ -1,0 +1,222 @@
+"""The learner: warm-up training with early stopping, guarded online micro-batch steps, and the
+closed-form refit of the text projection used for new items.
+
+All steps go through the dispatching fused update (``kernels.mf_sgd_step``), so the update rule
+is exactly the one documented there and in the README.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from . import kernels
+from .kernels.reference import predict as reference_predict
+from .model import ModelState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LearnerConfig:
+    """Hyper-parameters of the learner (units: lr per step of the mean batch loss)."""
+
+    lr: float = 1.0
+    weight_decay: float = 1e-3
+    fit_lr: float | None = None  # warm-up lr; None = lr
+    fit_weight_decay: float | None = None  # warm-up weight decay; None = weight_decay
+    batch_size: int = 100  # warm-up mini-batch size
+    # Linear scaling: a batch of N events steps with lr_t = lr * min(1, N / lr_batch), so one
+    # event never moves the model more than it would inside a batch of lr_batch events.
+    lr_batch: int = 100
+    max_epochs: int = 40
+    patience: int = 3
+    validation_fraction: float = 0.1  # the LAST share of the warm-up events (time order)
+    init_std: float = 0.1
+    fold_threshold: float = 1e-3
+    proj_ridge: float = 1.0
+    proj_min_count: int = 5  # items with at least this many ratings train the projection
+    # Guard rail: a step is divergent when values turn non-finite, or when the batch loss
+    # AFTER the step exceeds both explode_ratio x the loss before it and max_loss
+    # (None = the squared width of the rating range).
+    explode_ratio: float = 10.0
+    max_loss: float | None = None
+    # mu's gradient sums over the whole batch (step 2 * lr * mean error), so SGD on it
+    # oscillates at the lr the tables want; by default mu stays the warm-up mean.
+    learn_mu: bool = False
+    seed: int = 0
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return asdict(self)
+
+
+@dataclass
+class FitReport:
+    epochs: int
+    best_epoch: int
+    train_rmse: list[float]
+    val_rmse: list[float]
+    rejected: int = 0  # mini-batches the guard rail refused
+
+
+class DivergenceError(RuntimeError):
+    """An update produced non-finite values or an exploding loss; it was rolled back."""
+
+
+def step(
+    state: ModelState,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    ratings: torch.Tensor,
+    lr: float,
+    weight_decay: float,
+    cfg: LearnerConfig,
+    backend: str,
+    max_loss: float = math.inf,
+) -> float:
+    """One guarded update: on divergence the touched rows, scales and mu are restored (the model
+    is unchanged bit for bit) and DivergenceError is raised. Returns the pre-step batch loss.
+
+    ``lr`` is the base rate; the step uses lr_t = lr * min(1, N / cfg.lr_batch).
+    """
+    lr = effective_lr(lr, users.numel(), cfg)
+    u_idx, i_idx = users.unique(), items.unique()
+    saved = (
+        state.user_rows.t[u_idx].clone(), state.item_rows.t[i_idx].clone(),
+        state.user_bias.t[u_idx].clone(), state.item_bias.t[i_idx].clone(),
+        state.scales.clone(), state.mu.clone(),
+    )  # fmt: skip
+    loss = kernels.mf_sgd_step(
+        state.user_rows.t, state.item_rows.t, state.user_bias.t, state.item_bias.t,
+        state.scales, state.mu, users, items, ratings, lr, weight_decay, cfg.learn_mu,
+        backend=backend,
+    )  # fmt: skip
+    after = _mse(state, users, items, ratings)
+    limit = max(cfg.explode_ratio * loss, cfg.max_loss if cfg.max_loss is not None else max_loss)
+    ok = (
+        math.isfinite(loss) and math.isfinite(after) and after <= limit
+        and bool(torch.isfinite(state.user_rows.t[u_idx]).all())
+        and bool(torch.isfinite(state.item_rows.t[i_idx]).all())
+        and bool(torch.isfinite(state.user_bias.t[u_idx]).all())
+        and bool(torch.isfinite(state.item_bias.t[i_idx]).all())
+        and math.isfinite(float(state.mu))
+    )  # fmt: skip
+    if not ok:
+        state.user_rows.t[u_idx], state.item_rows.t[i_idx] = saved[0], saved[1]
+        state.user_bias.t[u_idx], state.item_bias.t[i_idx] = saved[2], saved[3]
+        state.scales.copy_(saved[4])
+        state.mu.copy_(saved[5])
+        raise DivergenceError(
+            f"update diverged (batch loss {loss:.3g} -> {after:.3g}); step rolled back"
+        )
+    state.item_count.t.index_add_(0, items, torch.ones_like(items))
+    state.fold_scales(cfg.fold_threshold)
+    return loss
+
+
+def effective_lr(lr: float, n_events: int, cfg: LearnerConfig) -> float:
+    """The learning rate one step of ``n_events`` events uses (README, update semantics)."""
+    return lr * min(1.0, n_events / cfg.lr_batch) if cfg.lr_batch > 0 else lr
+
+
+def _mse(
+    state: ModelState,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    ratings: torch.Tensor,
+    clip: tuple[float, float] | None = None,
+) -> float:
+    p = reference_predict(
+        state.user_rows.t, state.item_rows.t, state.user_bias.t, state.item_bias.t,
+        state.scales, state.mu, users, items,
+    )  # fmt: skip
+    if clip is not None:
+        p = p.clamp(*clip)
+    return float(((p.double() - ratings.double()) ** 2).mean())
+
+
+def rmse(state: ModelState, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
+         clip: tuple[float, float] | None = None) -> float:  # fmt: skip
+    """Root mean squared error of the model's predictions (optionally clipped to the range)."""
+    return math.sqrt(_mse(state, users, items, ratings, clip)) if users.numel() else math.nan
+
+
+def fit(
+    state: ModelState,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    ratings: torch.Tensor,
+    cfg: LearnerConfig,
+    backend: str,
+    clip: tuple[float, float] | None = None,
+) -> FitReport:
+    """Warm-up training: shuffled mini-batch epochs on the first (1 - validation_fraction) of the
+    events (given in time order), early stopping on the RMSE of the last share, and the weights
+    of the best epoch restored. Then one pass of the validation events themselves, so the most
+    recent data is learned too."""
+    lr = cfg.fit_lr if cfg.fit_lr is not None else cfg.lr
+    wd = cfg.fit_weight_decay if cfg.fit_weight_decay is not None else cfg.weight_decay
+    max_loss = (clip[1] - clip[0]) ** 2 if clip is not None else math.inf
+    n = users.numel()
+    n_val = int(n * cfg.validation_fraction) if n >= 20 else 0
+    n_tr = n - n_val
+    rng = np.random.default_rng(cfg.seed)
+    best, best_val, best_epoch, since = state.snapshot(), math.inf, 0, 0
+    report = FitReport(0, 0, [], [])
+    for epoch in range(1, cfg.max_epochs + 1):
+        order = torch.from_numpy(rng.permutation(n_tr))
+        for s in range(0, n_tr, cfg.batch_size):
+            b = order[s : s + cfg.batch_size]
+            try:
+                step(state, users[b], items[b], ratings[b], lr, wd, cfg, backend, max_loss)
+            except DivergenceError:
+                report.rejected += 1
+        report.epochs = epoch
+        report.train_rmse.append(rmse(state, users[:n_tr], items[:n_tr], ratings[:n_tr], clip))
+        if n_val == 0:
+            best, best_epoch = state.snapshot(), epoch
+            continue
+        val = rmse(state, users[n_tr:], items[n_tr:], ratings[n_tr:], clip)
+        report.val_rmse.append(val)
+        log.info("epoch %d: train rmse %.4f, val rmse %.4f", epoch, report.train_rmse[-1], val)
+        if val < best_val - 1e-4:
+            best, best_val, best_epoch, since = state.snapshot(), val, epoch, 0
+        else:
+            since += 1
+            if since >= cfg.patience:
+                break
+    state.restore(best)
+    report.best_epoch = best_epoch
+    for s in range(n_tr, n, cfg.batch_size):
+        sl = slice(s, min(s + cfg.batch_size, n))
+        try:
+            step(state, users[sl], items[sl], ratings[sl], lr, wd, cfg, backend, max_loss)
+        except DivergenceError:
+            report.rejected += 1
+    return report
+
+
+def refit_projection(state: ModelState, cfg: LearnerConfig) -> bool:
+    """Ridge regression from text embeddings E to [V | b_v] over items with at least
+    ``proj_min_count`` ratings: P = Y^T E (E^T E + ridge I)^-1. Returns False (P unchanged) when
+    fewer than two such items exist."""
+    counts = state.item_count.t
+    train = torch.nonzero(counts >= cfg.proj_min_count).flatten()
+    if train.numel() < 2:
+        return False
+    e = state.item_text.t[train].double()
+    y = torch.cat([state.true_item_rows()[train], state.true_item_bias()[train, None]], 1)
+    gram = e.T @ e + cfg.proj_ridge * torch.eye(e.shape[1], dtype=torch.float64)
+    state.proj = torch.linalg.solve(gram, e.T @ y.double()).T.float().contiguous()
+    state.proj_fitted = True
+    return True
+
+
+def text_prior(state: ModelState, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRUE item rows [n, dim] and biases [n] predicted from embeddings [n, text_dim] by P."""
+    out = emb.float() @ state.proj.T
+    return out[:, :-1], out[:, -1]

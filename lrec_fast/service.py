@@ -1,0 +1,363 @@
+"""The public facade: a thread-safe Recommender over the model state, the learner and the
+dispatching kernels."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import kernels, online
+from .model import Id, ModelState, load_state, save_state
+from .online import FitReport, LearnerConfig
+from .text.encoder import MINILM_NAME, CachedEncoder, TextEncoder, encoder_by_name
+
+log = logging.getLogger(__name__)
+
+
+def _as_ids(values: Any, name: str) -> list[Id]:
+    """Validate caller ids: a 1-D sequence of ints or strs (numpy ints accepted)."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise TypeError(f"{name} must be a sequence of ids (int or str)")
+    arr = np.asarray(values) if not isinstance(values, list) else None
+    if arr is not None and arr.ndim > 1:
+        raise ValueError(f"{name} must be one-dimensional")
+    if arr is not None and arr.dtype.kind in "iu":
+        return [int(v) for v in arr.tolist()]
+    out: list[Id] = []
+    for v in values:
+        if isinstance(v, (bool, np.bool_)):
+            raise TypeError(f"{name} contains a bool; ids are int or str")
+        if isinstance(v, (int, np.integer)):
+            out.append(int(v))
+        elif isinstance(v, str):
+            out.append(v)
+        else:
+            raise TypeError(f"{name} contains {type(v).__name__} {v!r}; ids are int or str")
+    return out
+
+
+def _as_ratings(values: Any, n: int, lo: float, hi: float) -> torch.Tensor:
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "iuf" or arr.dtype == np.bool_:
+        raise TypeError(f"ratings must be numbers, not {arr.dtype}")
+    if arr.ndim != 1 or len(arr) != n:
+        raise ValueError(f"ratings must be 1-D with {n} entries, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("ratings contain NaN or infinity")
+    if len(arr) and (arr.min() < lo or arr.max() > hi):
+        raise ValueError(f"ratings must lie in [{lo}, {hi}]; got [{arr.min()}, {arr.max()}]")
+    return torch.from_numpy(arr.astype(np.float32))
+
+
+def _ids_array(ids: list[Id]) -> np.ndarray:
+    if all(isinstance(i, int) for i in ids):
+        return np.asarray(ids, dtype=np.int64)
+    return np.asarray(ids, dtype=object)
+
+
+class Recommender:
+    """Text-aware biased factorisation that keeps learning from feedback.
+
+    ``Recommender()`` uses the project's tuned defaults. ``backend`` picks the kernel backend
+    (None = best available, or ``$LREC_BACKEND``); ``encoder`` is a TextEncoder, an encoder name
+    ("all-MiniLM-L6-v2", "hashing-384"), or None for all-MiniLM-L6-v2 (loaded on first use,
+    embeddings cached on disk). Ratings must lie in ``rating_range``. All public methods are
+    thread-safe; every mutating call validates its whole input first, so a rejected call leaves
+    the model bit-for-bit unchanged.
+    """
+
+    def __init__(
+        self,
+        dim: int = 64,
+        lr: float = LearnerConfig.lr,
+        weight_decay: float = LearnerConfig.weight_decay,
+        backend: str | None = None,
+        *,
+        encoder: TextEncoder | str | None = None,
+        rating_range: tuple[float, float] = (1.0, 5.0),
+        cache_dir: str | Path | None = None,
+        **learner: Any,
+    ) -> None:
+        if dim < 1:
+            raise ValueError("dim must be positive")
+        if not (lr > 0 and weight_decay >= 0 and lr * weight_decay < 1):
+            raise ValueError("need lr > 0, weight_decay >= 0 and lr * weight_decay < 1")
+        if not rating_range[0] < rating_range[1]:
+            raise ValueError("rating_range must be (low, high) with low < high")
+        self.config = LearnerConfig(lr=lr, weight_decay=weight_decay, **learner)
+        self._backend = kernels.resolve_backend(backend)
+        self._encoder_spec = encoder if encoder is not None else MINILM_NAME
+        self._encoder: TextEncoder | None = None
+        self._cache_dir = cache_dir
+        self.rating_range = (float(rating_range[0]), float(rating_range[1]))
+        text_dim = encoder.dim if isinstance(encoder, TextEncoder) else self._text_dim_of(encoder)
+        self.state = ModelState(dim=dim, text_dim=text_dim)
+        self._rng = torch.Generator().manual_seed(self.config.seed)
+        self._lock = threading.RLock()
+        log.info("Recommender: backend %s, dim %d", self._backend.name, dim)
+
+    @staticmethod
+    def _text_dim_of(name: str | None) -> int:
+        if name is None or name == MINILM_NAME:
+            return 384
+        return encoder_by_name(name).dim
+
+    # -- introspection ----------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        """The kernel backend that runs."""
+        return self._backend.name
+
+    @property
+    def n_users(self) -> int:
+        return len(self.state.users)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.state.items)
+
+    @property
+    def item_ids(self) -> list[Id]:
+        return list(self.state.items.ids)
+
+    @property
+    def encoder(self) -> TextEncoder:
+        if self._encoder is None:
+            spec = self._encoder_spec
+            enc = encoder_by_name(spec) if isinstance(spec, str) else spec
+            self._encoder = CachedEncoder(enc, self._cache_dir) if enc.name == MINILM_NAME else enc
+        return self._encoder
+
+    # -- catalogue ---------------------------------------------------------------------------
+    def add_items(self, item_ids: Sequence[Id] | np.ndarray, texts: Sequence[str]) -> None:
+        """Add new items; each starts from its text (row and bias = P e_j once P is fitted,
+        small random rows before the first fit)."""
+        ids = _as_ids(item_ids, "item_ids")
+        if isinstance(texts, str) or len(texts) != len(ids):
+            raise ValueError("texts must be a sequence with one str per item id")
+        if len(set(ids)) != len(ids):
+            raise ValueError("item_ids contains duplicates")
+        known = [i for i in ids if i in self.state.items]
+        if known:
+            raise ValueError(f"items already in the catalogue: {known[:5]}")
+        emb = torch.from_numpy(self.encoder.encode(list(texts)))  # validates the texts
+        with self._lock:
+            self._append_items(ids, emb)
+
+    def _append_items(self, ids: list[Id], emb: torch.Tensor) -> None:
+        if self.state.proj_fitted:
+            rows, bias = online.text_prior(self.state, emb)
+        else:
+            rows = torch.randn(len(ids), self.state.dim, generator=self._rng)
+            rows *= self.config.init_std
+            bias = torch.zeros(len(ids))
+        self.state.add_items(ids, rows, bias, emb)
+
+    def _append_users(self, ids: list[Id]) -> None:
+        """New users start at the mean known user (the cold-start answer), or small random
+        rows when there are none yet."""
+        n = len(ids)
+        if self.n_users:
+            rows = self.state.true_user_rows().mean(0, keepdim=True).expand(n, -1).clone()
+            bias = self.state.true_user_bias().mean().expand(n).clone()
+        else:
+            rows = torch.randn(n, self.state.dim, generator=self._rng) * self.config.init_std
+            bias = torch.zeros(n)
+        self.state.add_users(ids, rows, bias)
+
+    # -- learning ----------------------------------------------------------------------------
+    def _prepare(
+        self, users: Any, items: Any, ratings: Any, texts: Mapping[Id, str] | None
+    ) -> tuple[list[Id], list[Id], torch.Tensor, list[Id]]:
+        u, i = _as_ids(users, "users"), _as_ids(items, "items")
+        if len(u) != len(i):
+            raise ValueError(f"users ({len(u)}) and items ({len(i)}) differ in length")
+        r = _as_ratings(ratings, len(u), *self.rating_range)
+        if not u:
+            raise ValueError("empty batch")
+        new_items = list(dict.fromkeys(j for j in i if j not in self.state.items))
+        missing = [j for j in new_items if texts is None or j not in texts]
+        if missing:
+            raise ValueError(f"unknown items without text: {missing[:5]} (add_items first)")
+        return u, i, r, new_items
+
+    def _index(self, u: list[Id], i: list[Id]) -> tuple[torch.Tensor, torch.Tensor]:
+        new_users = list(dict.fromkeys(x for x in u if x not in self.state.users))
+        if new_users:
+            self._append_users(new_users)
+        ui = torch.tensor([self.state.users.index[x] for x in u], dtype=torch.int64)
+        ii = torch.tensor([self.state.items.index[x] for x in i], dtype=torch.int64)
+        return ui, ii
+
+    def fit(self, users: Any, items: Any, ratings: Any) -> FitReport:
+        """Warm-up training on events given in time order (see ``online.fit``: early stopping on
+        the most recent 10%). Items must be in the catalogue; users are added. Items that no
+        event touched then take their text prior from the refitted projection."""
+        with self._lock:
+            u, i, r, _ = self._prepare(users, items, ratings, None)
+            snap = self.state.snapshot()
+            try:
+                if self.n_users == 0:
+                    self.state.mu.fill_(float(r.double().mean()))
+                ui, ii = self._index(u, i)
+                report = online.fit(self.state, ui, ii, r, self.config, self.backend,
+                                    self.rating_range)  # fmt: skip
+                self._refresh_text_priors()
+            except BaseException:
+                self.state.restore(snap)
+                raise
+            for a, b in zip(ui.tolist(), ii.tolist(), strict=True):
+                self.state.seen[a].add(b)
+            log.info("fit: %d epochs, best %d", report.epochs, report.best_epoch)
+            return report
+
+    def _refresh_text_priors(self) -> None:
+        if online.refit_projection(self.state, self.config):
+            cold = torch.nonzero(self.state.item_count.t == 0).flatten()
+            if cold.numel():
+                rows, bias = online.text_prior(self.state, self.state.item_text.t[cold])
+                self.state.item_rows.t[cold] = rows / float(self.state.scales[1])
+                self.state.item_bias.t[cold] = bias / float(self.state.scales[3])
+
+    def feedback(
+        self, users: Any, items: Any, ratings: Any, *, texts: Mapping[Id, str] | None = None
+    ) -> float:
+        """Learn from one micro-batch of events now: one fused decayed SGD step (README,
+        "Update semantics"). Unknown users are added; unknown items need their text in
+        ``texts``. The batch is applied whole or not at all. Returns the batch's MSE before
+        the step."""
+        with self._lock:
+            u, i, r, new_items = self._prepare(users, items, ratings, texts)
+            emb = None
+            if new_items:
+                assert texts is not None
+                emb = torch.from_numpy(self.encoder.encode([texts[j] for j in new_items]))
+            mark = self.state.mark()
+            try:
+                if emb is not None:
+                    self._append_items(new_items, emb)
+                ui, ii = self._index(u, i)
+                cfg = self.config
+                lo, hi = self.rating_range
+                loss = online.step(self.state, ui, ii, r, cfg.lr, cfg.weight_decay, cfg,
+                                   self.backend, (hi - lo) ** 2)  # fmt: skip
+            except BaseException:
+                self.state.truncate(mark)  # step() already restored the touched rows
+                raise
+            for a, b in zip(ui.tolist(), ii.tolist(), strict=True):
+                self.state.seen[a].add(b)
+            return loss
+
+    # -- answering ---------------------------------------------------------------------------
+    def _queries(self, user_ids: list[Id]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """TRUE user rows [B, d] and biases [B]; unknown users get the mean known user."""
+        st = self.state
+        rows = st.true_user_rows()
+        bias = st.true_user_bias()
+        if st.user_rows.n:
+            cold_row, cold_bias = rows.mean(0), bias.mean()
+        else:
+            cold_row, cold_bias = torch.zeros(st.dim), torch.zeros(())
+        idx = [st.users.index.get(x, -1) for x in user_ids]
+        t = torch.tensor(idx, dtype=torch.int64)
+        q = torch.where((t >= 0)[:, None], rows[t.clamp_min(0)] if st.user_rows.n else
+                        cold_row.expand(len(idx), -1), cold_row)  # fmt: skip
+        b = torch.where(t >= 0, bias[t.clamp_min(0)] if st.user_rows.n else cold_bias, cold_bias)
+        return q, b, idx
+
+    def score_all(self, user_ids: Sequence[Id] | np.ndarray) -> np.ndarray:
+        """Predicted ratings of every catalogue item, float32 [B, n_items] (columns in
+        ``item_ids`` order). For evaluation; serving uses ``recommend``."""
+        ids = _as_ids(user_ids, "user_ids")
+        with self._lock:
+            q, b, _ = self._queries(ids)
+            v = self.state.true_item_rows()
+            s = q @ v.T + self.state.true_item_bias()[None, :] + b[:, None] + float(self.state.mu)
+            return s.numpy()
+
+    def recommend(
+        self, user_ids: Sequence[Id] | np.ndarray, k: int = 10, exclude_seen: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k items per user: (item ids [B, k], predicted ratings float32 [B, k]), best
+        first, ties by catalogue order. Unknown users get the cold-start answer (the mean
+        user). Where fewer than k items are eligible, the tail holds id -1 (or "" for string
+        ids) and score -inf."""
+        ids = _as_ids(user_ids, "user_ids")
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError("k must be a positive int")
+        with self._lock:
+            st = self.state
+            q, b, idx = self._queries(ids)
+            exclude = [sorted(st.seen[i]) if (exclude_seen and i >= 0) else [] for i in idx]
+            scores, top = kernels.score_topk(
+                q, st.item_rows.t, int(k), item_bias=st.true_item_bias(),
+                item_scale=float(st.scales[1]), exclude=exclude, backend=self.backend,
+            )  # fmt: skip
+            scores = scores + b[:, None] + float(st.mu)
+            item_ids = _ids_array(st.items.ids) if st.items.ids else np.zeros(0, np.int64)
+            pad: Any = -1 if item_ids.dtype != object else ""
+            out = np.full(top.shape, pad, dtype=item_ids.dtype)
+            valid = (top >= 0).numpy()
+            out[valid] = item_ids[top.numpy()[valid]]
+            return out, scores.numpy().astype(np.float32)
+
+    def predict(
+        self, user_ids: Sequence[Id] | np.ndarray, item_ids: Sequence[Id] | np.ndarray
+    ) -> np.ndarray:
+        """Predicted ratings, float32 [N] (not clipped). Unknown users get the cold-start
+        prediction; unknown items raise ValueError."""
+        u, i = _as_ids(user_ids, "user_ids"), _as_ids(item_ids, "item_ids")
+        if len(u) != len(i):
+            raise ValueError("user_ids and item_ids differ in length")
+        with self._lock:
+            missing = [j for j in i if j not in self.state.items]
+            if missing:
+                raise ValueError(f"unknown items: {missing[:5]}")
+            q, b, _ = self._queries(u)
+            ii = torch.tensor([self.state.items.index[j] for j in i], dtype=torch.int64)
+            v = self.state.true_item_rows()[ii]
+            p = (q * v).sum(1) + self.state.true_item_bias()[ii] + b + float(self.state.mu)
+            return p.numpy().astype(np.float32)
+
+    # -- persistence -------------------------------------------------------------------------
+    def _config_dict(self) -> dict[str, Any]:
+        enc = self._encoder_spec
+        return {
+            "learner": self.config.as_dict(),
+            "encoder": enc if isinstance(enc, str) else enc.name,
+            "rating_range": list(self.rating_range),
+        }
+
+    def save(self, directory: str | Path) -> None:
+        """Write a checkpoint (safetensors + JSON) atomically; see ``model.save_state``."""
+        with self._lock:
+            save_state(directory, self.state, self._config_dict())
+
+    @classmethod
+    def load(
+        cls, directory: str | Path, backend: str | None = None, cache_dir: str | Path | None = None
+    ) -> Recommender:
+        """Load a checkpoint written by ``save`` (no pickle anywhere)."""
+        state, cfg = load_state(directory)
+        learner = dict(cfg["learner"])
+        lr, wd = learner.pop("lr"), learner.pop("weight_decay")
+        rec = cls(state.dim, lr, wd, backend, encoder=cfg["encoder"],
+                  rating_range=tuple(cfg["rating_range"]), cache_dir=cache_dir,
+                  **learner)  # fmt: skip
+        if rec.state.text_dim != state.text_dim:
+            raise ValueError("checkpoint text_dim does not match its encoder")
+        rec.state = state
+        return rec
+
+    def __repr__(self) -> str:
+        return (f"Recommender(users={self.n_users}, items={self.n_items}, dim={self.state.dim}, "
+                f"backend={self.backend!r})")  # fmt: skip
+
+
+__all__ = ["Recommender"]

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lrec_fast import Recommender
+from lrec_fast.data import make_stream
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    # Fresh random inputs each run; the seed is printed on failure by pytest's repr of locals.
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    print(f"rng seed {seed}")
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="session")
+def stream():
+    return make_stream(n_users=60, n_items=80, n_events=3000, seed=1)
+
+
+@pytest.fixture
+def fitted(stream) -> Recommender:
+    """A small model fitted on the first half of the synthetic stream (hashing encoder)."""
+    rec = Recommender(dim=8, encoder="hashing-64", max_epochs=5)
+    rec.add_items(stream.item_ids, stream.item_text)
+    ev = stream.events.take(slice(0, 1500))
+    rec.fit(ev.user, ev.item, ev.rating)
+    return rec
+
+
+def state_bits(rec: Recommender) -> dict[str, object]:
+    """Everything a model holds, for bit-for-bit comparisons."""
+    t = {k: v.clone() for k, v in rec.state.tensors().items()}
+    return {"t": t, "users": list(rec.state.users.ids), "items": list(rec.state.items.ids)}
+
+
+def assert_same_bits(a: dict[str, object], b: dict[str, object]) -> None:
+    assert a["users"] == b["users"] and a["items"] == b["items"]
+    ta, tb = a["t"], b["t"]
+    assert isinstance(ta, dict) and isinstance(tb, dict)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape, k
+        assert torch.equal(ta[k], tb[k]), k

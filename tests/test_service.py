@@ -1,0 +1,202 @@
+"""The Recommender facade: behaviour, bad input, rollback, persistence, threads."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from lrec_fast import DivergenceError, Recommender
+from lrec_fast.kernels.reference import predict as ref_predict
+
+from .conftest import assert_same_bits, state_bits
+
+
+def test_fit_recommend_predict(fitted, stream):
+    assert fitted.backend == "torch" and fitted.n_items == 80
+    items, scores = fitted.recommend([0, 1, 2], k=5)
+    assert items.shape == (3, 5) and scores.dtype == np.float32
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
+    for u, row in zip([0, 1, 2], items, strict=True):
+        seen = {fitted.state.items.ids[j] for j in fitted.state.seen[fitted.state.users.index[u]]}
+        assert not seen & set(row.tolist())
+    # recommend's scores are the predicted ratings of the items it returns
+    p = fitted.predict([0] * 5, items[0].tolist())
+    np.testing.assert_allclose(p, scores[0], rtol=1e-5, atol=1e-5)
+    # and agree with the reference predict on the raw state
+    st = fitted.state
+    ref = ref_predict(st.user_rows.t, st.item_rows.t, st.user_bias.t, st.item_bias.t, st.scales,
+                      st.mu, torch.tensor([0, 1]), torch.tensor([3, 4]))  # fmt: skip
+    np.testing.assert_allclose(fitted.predict([st.users.ids[0], st.users.ids[1]],
+                                              [st.items.ids[3], st.items.ids[4]]), ref.numpy(),
+                               rtol=1e-5)  # fmt: skip
+
+
+def test_feedback_moves_predictions_toward_ratings(fitted):
+    before = fitted.predict([5], [7])[0]
+    target = 5.0 if before < 3 else 1.0
+    for _ in range(5):
+        fitted.feedback([5], [7], [target])
+    after = fitted.predict([5], [7])[0]
+    assert abs(after - target) < abs(before - target)
+
+
+def test_cold_user_gets_mean_user_answer(fitted):
+    items, _scores = fitted.recommend(["nobody"], k=3)
+    st = fitted.state
+    q = st.true_user_rows().mean(0)
+    full = st.true_item_rows() @ q + st.true_item_bias()
+    assert items[0].tolist() == [st.items.ids[j] for j in torch.argsort(-full)[:3].tolist()]
+    # a new user in feedback is added and immediately personalised
+    fitted.feedback(["newbie", "newbie"], [1, 2], [5.0, 5.0])
+    assert "newbie" in fitted.state.users
+    assert not {1, 2} & set(fitted.recommend(["newbie"], k=10)[0][0].tolist())
+
+
+def test_new_items_from_text(fitted):
+    fitted.add_items(["fresh-1"], ["Brand new 1 | space, war"])
+    st = fitted.state
+    j = st.items.index["fresh-1"]
+    rows, bias = st.true_item_rows()[j], st.true_item_bias()[j]
+    expect = st.proj @ st.item_text.t[j]
+    torch.testing.assert_close(torch.cat([rows, bias[None]]), expect, rtol=1e-5, atol=1e-6)
+    items, _ = fitted.recommend([0], k=fitted.n_items)
+    assert "fresh-1" in items[0].tolist()  # recommendable before anyone rated it
+    # unknown items in feedback come with their text
+    fitted.feedback([0], ["fresh-2"], [4.0], texts={"fresh-2": "Another | crime"})
+    assert "fresh-2" in fitted.state.items
+
+
+def test_string_ids_and_padding():
+    rec = Recommender(dim=4, encoder="hashing-16", max_epochs=2)
+    rec.add_items(["a", "b", "c"], ["x", "y", "z"])
+    rec.fit(["u1", "u2", "u1"], ["a", "b", "c"], [5, 3, 1])
+    items, scores = rec.recommend(["u1"], k=3)
+    assert items.tolist() == [["b", "", ""]] and np.isinf(scores[0, 1:]).all()
+
+
+BAD_FEEDBACK = [
+    (([1], [1], [float("nan")]), ValueError, "NaN"),
+    (([1], [1], [6.0]), ValueError, r"\[1.0, 5.0\]"),
+    (([1], [1], [0.5]), ValueError, "lie in"),
+    (([1, 2], [1], [3.0]), ValueError, "differ in length"),
+    (([1], [1], [3.0, 4.0]), ValueError, "1 entries"),
+    (([], [], []), ValueError, "empty batch"),
+    (([1], ["never-seen"], [3.0]), ValueError, "unknown items without text"),
+    (([1.5], [1], [3.0]), TypeError, "float"),
+    (([True], [1], [3.0]), TypeError, "bool"),
+    (([1], [1], ["3"]), TypeError, "numbers"),
+    (("u1", [1], [3.0]), TypeError, "sequence"),
+    (([[1]], [1], [3.0]), TypeError, "list"),
+    ((np.array([[1]]), [1], [3.0]), ValueError, "one-dimensional"),
+]
+
+
+@pytest.mark.parametrize("args,exc,msg", BAD_FEEDBACK)
+def test_bad_feedback_changes_nothing(fitted, args, exc, msg):
+    before = state_bits(fitted)
+    with pytest.raises(exc, match=msg):
+        fitted.feedback(*args)
+    assert_same_bits(before, state_bits(fitted))
+
+
+def test_bad_calls_elsewhere_change_nothing(fitted):
+    before = state_bits(fitted)
+    with pytest.raises(ValueError, match="already in the catalogue"):
+        fitted.add_items([1], ["dup"])
+    with pytest.raises(ValueError, match="duplicates"):
+        fitted.add_items(["n1", "n1"], ["a", "b"])
+    with pytest.raises(ValueError, match="one str per item"):
+        fitted.add_items(["n1"], ["a", "b"])
+    with pytest.raises(TypeError, match="expected str"):
+        fitted.add_items(["n1"], [None])
+    with pytest.raises(ValueError, match="surrogate"):
+        fitted.add_items(["n1"], ["bad \ud800"])
+    with pytest.raises(ValueError, match="unknown items"):
+        fitted.predict([1], ["nope"])
+    with pytest.raises(ValueError, match="k must"):
+        fitted.recommend([1], k=0)
+    with pytest.raises(ValueError, match="NaN"):
+        fitted.fit([1], [1], [np.nan])
+    assert_same_bits(before, state_bits(fitted))
+
+
+def test_divergent_step_is_rolled_back(fitted):
+    fitted.config.lr = 1e6  # guaranteed to explode
+    before = state_bits(fitted)
+    with pytest.raises(DivergenceError):
+        fitted.feedback([0, 0, "brand-new-user"], [1, 2, 3], [5.0, 1.0, 5.0])
+    assert_same_bits(before, state_bits(fitted))
+
+
+def test_save_load_round_trip_bit_exact(fitted, tmp_path):
+    fitted.feedback(["s1"], [3], [4.0])
+    fitted.add_items(["str-item"], ["text | war"])
+    fitted.save(tmp_path / "ck")
+    again = Recommender.load(tmp_path / "ck")
+    assert_same_bits(state_bits(fitted), state_bits(again))
+    assert again.config == fitted.config and again.state.proj_fitted
+    users = [0, 1, "s1", "cold"]
+    a, b = fitted.recommend(users, k=7), again.recommend(users, k=7)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    # both keep learning identically
+    fitted.feedback([0, 1], [5, 6], [2.0, 4.0])
+    again.feedback([0, 1], [5, 6], [2.0, 4.0])
+    assert_same_bits(state_bits(fitted), state_bits(again))
+    # saving over an existing checkpoint replaces it whole
+    again.save(tmp_path / "ck")
+    assert_same_bits(state_bits(again), state_bits(Recommender.load(tmp_path / "ck")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temp leftovers
+
+
+def test_load_rejects_foreign_or_future_checkpoints(fitted, tmp_path):
+    with pytest.raises(ValueError, match="not an lrec_fast checkpoint"):
+        Recommender.load(tmp_path)
+    fitted.save(tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "state.json").read_text())
+    meta["format_version"] = 999
+    (tmp_path / "ck" / "state.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="format 999"):
+        Recommender.load(tmp_path / "ck")
+
+
+def test_invalid_hyper_parameters():
+    with pytest.raises(ValueError):
+        Recommender(lr=0)
+    with pytest.raises(ValueError):
+        Recommender(lr=10, weight_decay=0.2)
+    with pytest.raises(ValueError):
+        Recommender(rating_range=(5, 1))
+
+
+def test_threads_feedback_and_recommend(fitted, stream):
+    ev = stream.events.take(slice(1500, 2300))
+    errors: list[BaseException] = []
+
+    def writer(lo: int) -> None:
+        try:
+            for s in range(lo, lo + 400, 20):
+                sl = slice(s, s + 20)
+                fitted.feedback(ev.user[sl], ev.item[sl], ev.rating[sl])
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def reader() -> None:
+        try:
+            for _ in range(50):
+                items, scores = fitted.recommend([0, 1, "x"], k=5)
+                assert items.shape == (3, 5) and np.isfinite(scores).all()
+        except BaseException as exc:  # pragma: no cover
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(lo,)) for lo in (0, 400)]
+    threads += [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert int(fitted.state.item_count.t.sum()) >= 1500 + 800

@@ -1,0 +1,91 @@
+"""Tokeniser wrapper, encoders and the embedding cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lrec_fast.text import (
+    CachedEncoder,
+    HashingEncoder,
+    MiniLMEncoder,
+    WordPieceTokenizer,
+    encoder_by_name,
+    minilm_dir,
+)
+
+TEXTS = ["Toy Story (1995) | Animation, Children's, Comedy", "", "Café crème ünïcödé 東京",
+         "a " * 300, "Heat (1995) | Action, Crime"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tok() -> WordPieceTokenizer:
+    return WordPieceTokenizer.from_pretrained_dir(minilm_dir())
+
+
+def test_tokenizer_matches_transformers(tok):
+    from transformers import BertTokenizerFast
+
+    hf = BertTokenizerFast.from_pretrained(str(minilm_dir()), local_files_only=True)
+    for padding in ("longest", "max_length"):
+        got = tok.encode_batch(TEXTS, max_length=32, padding=padding)
+        want = hf(TEXTS, max_length=32, padding=padding, truncation=True, return_tensors="np")
+        for key in ("input_ids", "attention_mask", "token_type_ids"):
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{key} {padding}")
+    one = tok.encode("Heat (1995)")
+    assert one["input_ids"][0] == 101 and one["input_ids"][-1] == 102
+
+
+def test_tokenizer_bad_input(tok):
+    with pytest.raises(TypeError):
+        tok.encode_batch("not a list")
+    with pytest.raises(TypeError):
+        tok.encode_batch(["ok", None])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="surrogate"):
+        tok.encode_batch(["\udc80"])
+    assert tok.encode_batch([])["input_ids"].shape == (0, 0)
+
+
+def test_minilm_matches_sentence_transformers():
+    from sentence_transformers import SentenceTransformer
+
+    texts = [t for t in TEXTS if t]
+    ours = MiniLMEncoder(batch_size=2).encode(texts)
+    st = SentenceTransformer(str(minilm_dir()), device="cpu")
+    want = st.encode(texts, normalize_embeddings=True)
+    assert ours.shape == (len(texts), 384) and ours.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+    assert np.min(np.sum(ours * want, axis=1)) > 0.9999
+
+
+class Counting(HashingEncoder):
+    def __init__(self) -> None:
+        super().__init__(32)
+        self.calls: list[int] = []
+
+    def encode(self, texts):  # type: ignore[no-untyped-def]
+        self.calls.append(len(texts))
+        return super().encode(texts)
+
+
+def test_cache_encodes_each_text_once(tmp_path):
+    inner = Counting()
+    enc = CachedEncoder(inner, tmp_path)
+    a = enc.encode(["x y", "z", "x y"])
+    b = enc.encode(["z", "new words"])
+    assert inner.calls == [2, 1]
+    np.testing.assert_array_equal(a[1], b[0])
+    fresh = CachedEncoder(Counting(), tmp_path)  # a new process reads the file
+    np.testing.assert_array_equal(fresh.encode(["x y"])[0], a[0])
+    enc.path.write_bytes(b"garbage")
+    again = CachedEncoder(Counting(), tmp_path)
+    np.testing.assert_array_equal(again.encode(["x y"])[0], a[0])  # corrupt cache: recomputed
+
+
+def test_hashing_encoder_and_registry():
+    enc = encoder_by_name("hashing-16")
+    v = enc.encode(["space war", "war space", "romance", ""])
+    np.testing.assert_allclose(v[0], v[1])
+    assert abs(float(v[0] @ v[2])) < 0.9 and not v[3].any()
+    with pytest.raises(ValueError):
+        encoder_by_name("nope")
