@@ -61,6 +61,7 @@ class IdMap:
     def __init__(self, ids: Iterable[Id] = ()) -> None:
         self.ids: list[Id] = []
         self.index: dict[Id, int] = {}
+        self._array: np.ndarray | None = None
         for i in ids:
             self.add(i)
 
@@ -70,9 +71,19 @@ class IdMap:
     def __contains__(self, key: Hashable) -> bool:
         return key in self.index
 
+    def array(self) -> np.ndarray:
+        """The ids as a numpy array (int64 when all ids are ints, else object), cached."""
+        if self._array is None or len(self._array) != len(self.ids):
+            if all(isinstance(i, int) for i in self.ids):
+                self._array = np.asarray(self.ids, dtype=np.int64)
+            else:
+                self._array = np.asarray(self.ids, dtype=object)
+        return self._array
+
     def add(self, key: Id) -> int:
         if key in self.index:
             return self.index[key]
+        self._array = None
         self.index[key] = len(self.ids)
         self.ids.append(key)
         return self.index[key]
@@ -197,6 +208,7 @@ class ModelState:
         for key in self.items.ids[ni:]:
             del self.items.index[key]
         del self.users.ids[nu:], self.items.ids[ni:], self.seen[nu:]
+        self.users._array = self.items._array = None
         self.user_rows.n = self.user_bias.n = nu
         self.item_rows.n = self.item_bias.n = self.item_text.n = self.item_count.n = ni
 

@@ -3,6 +3,7 @@ dispatching kernels."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from . import kernels, online
+from .kernels.reference import SCALE_USER, SCALE_USER_BIAS
 from .model import Id, ModelState, load_state, save_state
 from .online import FitReport, LearnerConfig
 from .text.encoder import MINILM_NAME, CachedEncoder, TextEncoder, encoder_by_name
@@ -53,12 +55,6 @@ def _as_ratings(values: Any, n: int, lo: float, hi: float) -> torch.Tensor:
     if len(arr) and (arr.min() < lo or arr.max() > hi):
         raise ValueError(f"ratings must lie in [{lo}, {hi}]; got [{arr.min()}, {arr.max()}]")
     return torch.from_numpy(arr.astype(np.float32))
-
-
-def _ids_array(ids: list[Id]) -> np.ndarray:
-    if all(isinstance(i, int) for i in ids):
-        return np.asarray(ids, dtype=np.int64)
-    return np.asarray(ids, dtype=object)
 
 
 class Recommender:
@@ -258,17 +254,16 @@ class Recommender:
     def _queries(self, user_ids: list[Id]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """TRUE user rows [B, d] and biases [B]; unknown users get the mean known user."""
         st = self.state
-        rows = st.true_user_rows()
-        bias = st.true_user_bias()
-        if st.user_rows.n:
-            cold_row, cold_bias = rows.mean(0), bias.mean()
-        else:
-            cold_row, cold_bias = torch.zeros(st.dim), torch.zeros(())
         idx = [st.users.index.get(x, -1) for x in user_ids]
         t = torch.tensor(idx, dtype=torch.int64)
-        q = torch.where((t >= 0)[:, None], rows[t.clamp_min(0)] if st.user_rows.n else
-                        cold_row.expand(len(idx), -1), cold_row)  # fmt: skip
-        b = torch.where(t >= 0, bias[t.clamp_min(0)] if st.user_rows.n else cold_bias, cold_bias)
+        known = t >= 0
+        q = st.user_rows.t[t.clamp_min(0)] * float(st.scales[SCALE_USER]) if st.user_rows.n \
+            else torch.zeros(len(idx), st.dim)  # fmt: skip
+        b = st.user_bias.t[t.clamp_min(0)] * float(st.scales[SCALE_USER_BIAS]) if st.user_rows.n \
+            else torch.zeros(len(idx))  # fmt: skip
+        if not bool(known.all()) and st.user_rows.n:
+            q = torch.where(known[:, None], q, st.true_user_rows().mean(0))
+            b = torch.where(known, b, st.true_user_bias().mean())
         return q, b, idx
 
     def score_all(self, user_ids: Sequence[Id] | np.ndarray) -> np.ndarray:
@@ -294,13 +289,17 @@ class Recommender:
         with self._lock:
             st = self.state
             q, b, idx = self._queries(ids)
-            exclude = [sorted(st.seen[i]) if (exclude_seen and i >= 0) else [] for i in idx]
+            sets = [st.seen[i] if (exclude_seen and i >= 0) else () for i in idx]
+            indptr = np.zeros(len(sets) + 1, dtype=np.int64)
+            np.cumsum([len(x) for x in sets], out=indptr[1:])
+            flat = np.fromiter(itertools.chain.from_iterable(sets), np.int64, int(indptr[-1]))
+            exclude = (torch.from_numpy(indptr), torch.from_numpy(flat))  # CSR
             scores, top = kernels.score_topk(
                 q, st.item_rows.t, int(k), item_bias=st.true_item_bias(),
                 item_scale=float(st.scales[1]), exclude=exclude, backend=self.backend,
             )  # fmt: skip
             scores = scores + b[:, None] + float(st.mu)
-            item_ids = _ids_array(st.items.ids) if st.items.ids else np.zeros(0, np.int64)
+            item_ids = st.items.array()
             pad: Any = -1 if item_ids.dtype != object else ""
             out = np.full(top.shape, pad, dtype=item_ids.dtype)
             valid = (top >= 0).numpy()
