@@ -200,3 +200,23 @@ def test_threads_feedback_and_recommend(fitted, stream):
         t.join()
     assert not errors
     assert int(fitted.state.item_count.t.sum()) >= 1500 + 800
+
+
+def test_fold_scales_keeps_values(fitted):
+    st = fitted.state
+    st.scales[:] = torch.tensor([5e-4, 0.5, 5e-4, 0.9], dtype=torch.float64)
+    before = [st.true_user_rows(), st.true_item_rows(), st.true_user_bias(), st.true_item_bias()]
+    st.fold_scales(1e-3)
+    assert st.scales.tolist() == [1.0, 0.5, 1.0, 0.9]
+    after = [st.true_user_rows(), st.true_item_rows(), st.true_user_bias(), st.true_item_bias()]
+    for a, b in zip(before, after, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_loaded_model_rebuilds_its_encoder(fitted, tmp_path):
+    fitted.save(tmp_path / "ck")
+    again = Recommender.load(tmp_path / "ck")
+    again.add_items(["after-load"], ["Kalo 1 | space"])
+    fitted.add_items(["after-load"], ["Kalo 1 | space"])
+    assert again.encoder.name == "hashing-64"
+    assert_same_bits(state_bits(fitted), state_bits(again))
