@@ -102,7 +102,8 @@ class ModelState:
     user_bias: Rows = field(init=False)
     item_bias: Rows = field(init=False)
     item_text: Rows = field(init=False)  # unit-norm text embeddings, float32 [n_items, text_dim]
-    # Per-item number of ratings learned from (decides which items the projection is fitted on).
+    # Per-item number of events learned from, each counted once (the projection is fitted on
+    # items with enough of them).
     item_count: Rows = field(init=False)
     scales: torch.Tensor = field(default_factory=lambda: torch.ones(4, dtype=torch.float64))
     mu: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.float64))

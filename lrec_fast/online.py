@@ -113,9 +113,13 @@ def step(
         raise DivergenceError(
             f"update diverged (batch loss {loss:.3g} -> {after:.3g}); step rolled back"
         )
-    state.item_count.t.index_add_(0, items, torch.ones_like(items))
     state.fold_scales(cfg.fold_threshold)
     return loss
+
+
+def count_events(state: ModelState, items: torch.Tensor) -> None:
+    """Add learned-from events to the per-item rating counts."""
+    state.item_count.t.index_add_(0, items, torch.ones_like(items))
 
 
 def effective_lr(lr: float, n_events: int, cfg: LearnerConfig) -> float:
@@ -191,6 +195,7 @@ def fit(
                 break
     state.restore(best)
     report.best_epoch = best_epoch
+    count_events(state, items)  # each event once, however many epochs saw it
     for s in range(n_tr, n, cfg.batch_size):
         sl = slice(s, min(s + cfg.batch_size, n))
         try:

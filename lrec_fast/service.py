@@ -246,6 +246,7 @@ class Recommender:
             except BaseException:
                 self.state.truncate(mark)  # step() already restored the touched rows
                 raise
+            online.count_events(self.state, ii)
             for a, b in zip(ui.tolist(), ii.tolist(), strict=True):
                 self.state.seen[a].add(b)
             return loss
