@@ -1,13 +1,13 @@
 """End-to-end facade latency at MovieLens scale (1,682 items, 943 users, dim 64): what a service
-calling recommend() and feedback() sees, including validation, id maps and locking. The
-alternative beside it is the bare torch computation a user would write by hand."""
+calling recommend() and feedback() sees, including validation, id maps and locking. Beside each
+is its floor: bare torch scoring, and the bare update kernel."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lrec_fast import Recommender
+from lrec_fast import Recommender, kernels
 from lrec_fast.data import make_stream
 
 
@@ -42,3 +42,17 @@ def test_feedback(benchmark, rec, m):
     items = list(range(m))
     benchmark.group = f"service feedback {m} events"
     benchmark(rec.feedback, users, items, [4.0] * m)
+
+
+@pytest.mark.parametrize("m", [1, 100])
+def test_bare_kernel_step(benchmark, rec, m):
+    """The same step with no validation, id mapping, guard rail or lock: the facade's floor."""
+    st = rec.state
+    tables = [t.clone() for t in (st.user_rows.t, st.item_rows.t, st.user_bias.t, st.item_bias.t)]
+    scales, mu = st.scales.clone(), st.mu.clone()
+    users = torch.arange(m) % st.user_rows.n
+    items, ratings = torch.arange(m), torch.full((m,), 4.0)
+    benchmark.group = f"service feedback {m} events"
+    benchmark(kernels.mf_sgd_step, *tables, scales, mu, users, items, ratings, 1.0, 1e-3)
+    if float(scales.min()) < 1e-3:
+        scales.fill_(1.0)

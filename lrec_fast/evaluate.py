@@ -34,9 +34,10 @@ class Totals:
     n_rel: int = 0
     update_s: float = 0.0
     rejected: int = 0
+    batches: int = 0
 
     def add(self, other: Totals) -> None:
-        for f in ("sq_err", "n", "hits", "ndcg", "n_rel", "update_s", "rejected"):
+        for f in ("sq_err", "n", "hits", "ndcg", "n_rel", "update_s", "rejected", "batches"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
 
     def metrics(self, k: int) -> dict[str, float]:
@@ -46,7 +47,7 @@ class Totals:
             f"ndcg@{k}": self.ndcg / self.n_rel if self.n_rel else float("nan"),
             "events": self.n,
             "relevant": self.n_rel,
-            "update_ms_per_batch": 0.0,
+            "update_ms_per_batch": 1e3 * self.update_s / max(self.batches, 1),
             "rejected_batches": self.rejected,
         }
 
@@ -80,7 +81,7 @@ def prequential(
     col = {j: c for c, j in enumerate(model.item_ids)}
     lo, hi = model.rating_range
     res = StreamResult(name=name, k=k)
-    total, seg, seg_start, n_batches, seg_batches = Totals(), Totals(), 0, 0, 0
+    total, seg, seg_start = Totals(), Totals(), 0
     discounts = 1.0 / np.log2(np.arange(k) + 2.0)
     for s in range(0, len(stream), batch_size):
         b = stream.take(slice(s, s + batch_size))
@@ -114,19 +115,17 @@ def prequential(
             seg.update_s += time.perf_counter() - t0
         for u, j in zip(users, items, strict=True):
             history.setdefault(u, set()).add(j)
-        n_batches += 1
-        seg_batches += 1
+        seg.batches += 1
         if on_batch is not None:
             on_batch(len(users))
         if seg.n >= segment or s + batch_size >= len(stream):
             m = seg.metrics(k)
-            m["start"], m["update_ms_per_batch"] = seg_start, 1e3 * seg.update_s / seg_batches
+            m["start"] = seg_start
             res.segments.append(m)
             total.add(seg)
             seg_start += seg.n
-            seg, seg_batches = Totals(), 0
+            seg = Totals()
     res.overall = total.metrics(k)
-    res.overall["update_ms_per_batch"] = 1e3 * total.update_s / max(n_batches, 1)
     return res
 
 

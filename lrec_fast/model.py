@@ -145,6 +145,11 @@ class ModelState:
                 rows.t.mul_(s)
                 self.scales[k] = 1.0
 
+    def set_items(self, idx: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor) -> None:
+        """Overwrite items ``idx`` with TRUE rows [n, dim] and biases [n]."""
+        self.item_rows.t[idx] = rows / float(self.scales[SCALE_ITEM])
+        self.item_bias.t[idx] = bias / float(self.scales[SCALE_ITEM_BIAS])
+
     # -- growth --------------------------------------------------------------------------
     def add_users(self, ids: list[Id], rows: torch.Tensor, bias: torch.Tensor) -> None:
         """Append users with the given TRUE rows [n, dim] and biases [n]."""

@@ -41,10 +41,9 @@ class LearnerConfig:
     proj_ridge: float = 1.0
     proj_min_count: int = 5  # items with at least this many ratings train the projection
     # Guard rail: a step is divergent when values turn non-finite, or when the batch loss
-    # AFTER the step exceeds both explode_ratio x the loss before it and max_loss
-    # (None = the squared width of the rating range).
+    # AFTER the step exceeds both explode_ratio x the loss before it and the squared width of
+    # the rating range (passed to step() as max_loss).
     explode_ratio: float = 10.0
-    max_loss: float | None = None
     # mu's gradient sums over the whole batch (step 2 * lr * mean error), so SGD on it
     # oscillates at the lr the tables want; by default mu stays the warm-up mean.
     learn_mu: bool = False
@@ -96,7 +95,7 @@ def step(
         backend=backend,
     )  # fmt: skip
     after = _mse(state, users, items, ratings)
-    limit = max(cfg.explode_ratio * loss, cfg.max_loss if cfg.max_loss is not None else max_loss)
+    limit = max(cfg.explode_ratio * loss, max_loss)
     ok = (
         math.isfinite(loss) and math.isfinite(after) and after <= limit
         and bool(torch.isfinite(state.user_rows.t[u_idx]).all())

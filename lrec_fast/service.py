@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import kernels, online
-from .kernels.reference import SCALE_USER, SCALE_USER_BIAS
+from .kernels.reference import SCALE_ITEM, SCALE_USER, SCALE_USER_BIAS
 from .model import Id, ModelState, load_state, save_state
 from .online import FitReport, LearnerConfig
 from .text.encoder import MINILM_NAME, CachedEncoder, TextEncoder, encoder_by_name
@@ -218,8 +218,7 @@ class Recommender:
             cold = torch.nonzero(self.state.item_count.t == 0).flatten()
             if cold.numel():
                 rows, bias = online.text_prior(self.state, self.state.item_text.t[cold])
-                self.state.item_rows.t[cold] = rows / float(self.state.scales[1])
-                self.state.item_bias.t[cold] = bias / float(self.state.scales[3])
+                self.state.set_items(cold, rows, bias)
 
     def feedback(
         self, users: Any, items: Any, ratings: Any, *, texts: Mapping[Id, str] | None = None
@@ -297,7 +296,7 @@ class Recommender:
             exclude = (torch.from_numpy(indptr), torch.from_numpy(flat))  # CSR
             scores, top = kernels.score_topk(
                 q, st.item_rows.t, int(k), item_bias=st.true_item_bias(),
-                item_scale=float(st.scales[1]), exclude=exclude, backend=self.backend,
+                item_scale=float(st.scales[SCALE_ITEM]), exclude=exclude, backend=self.backend,
             )  # fmt: skip
             scores = scores + b[:, None] + float(st.mu)
             item_ids = st.items.array()
