@@ -13,7 +13,7 @@ OUT    ?= runs/demo
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.hpp)
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.hpp csrc/*.inc)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH)"
 	$(PY) -m pip install -e ".[dev]"
@@ -23,8 +23,8 @@ demo: setup
 	$(VENV)/bin/lrec-fast demo --out $(OUT)
 
 lint: setup
-	$(VENV)/bin/ruff check lrec_fast tests benchmarks setup.py
-	$(VENV)/bin/ruff format --check lrec_fast tests benchmarks setup.py
+	$(VENV)/bin/ruff check lrec_fast tests benchmarks setup.py csrc
+	$(VENV)/bin/ruff format --check lrec_fast tests benchmarks setup.py csrc
 	$(VENV)/bin/mypy lrec_fast
 
 test: lint

@@ -38,13 +38,23 @@ class OptionalBuildExt(build_ext):
         sys.stderr.write(msg)
 
 
+# The tokeniser core, shared by the extension and the sanitizer build (tests/test_sanitizers.py).
+CORE_SOURCES = ["csrc/normalizer.cpp", "csrc/tokenizer.cpp", "csrc/wordpiece.cpp"]
+
 ext_modules = [
     Pybind11Extension(
         "lrec_fast._wordpiece",
-        ["csrc/wordpiece.cpp", "csrc/bindings.cpp"],
+        [*CORE_SOURCES, "csrc/bindings.cpp"],
         include_dirs=["csrc"],
         cxx_std=17,
         extra_compile_args=["-O3"],
+        depends=[
+            "csrc/unicode_tables.inc",
+            "csrc/unicode.hpp",
+            "csrc/normalizer.hpp",
+            "csrc/tokenizer.hpp",
+            "csrc/wordpiece.hpp",
+        ],
     )
 ]
 

@@ -1,88 +1,156 @@
 #include "wordpiece.hpp"
 
+#include <algorithm>
 #include <stdexcept>
 
 namespace lrec {
 
 namespace {
 
-// Length in bytes of the UTF-8 sequence that starts with byte c (1 for invalid lead bytes, so a
-// malformed string still advances and ends in [UNK] rather than looping).
-inline std::size_t utf8_len(unsigned char c) {
-  if (c < 0x80) return 1;
-  if ((c >> 5) == 0x6) return 2;
-  if ((c >> 4) == 0xE) return 3;
-  if ((c >> 3) == 0x1E) return 4;
-  return 1;
+constexpr std::uint64_t kEmpty = ~std::uint64_t{0};
+
+inline std::size_t slot_of(std::uint64_t key, std::size_t mask) {
+  return static_cast<std::size_t>((key * 0x9E3779B97F4A7C15ull) >> 32) & mask;
 }
 
 }  // namespace
 
-WordPiece::WordPiece(const std::vector<std::string>& vocab, const std::string& unk_token,
-                     std::size_t max_input_chars_per_word, const std::string& continuing_prefix)
-    : max_chars_(max_input_chars_per_word), prefix_(continuing_prefix) {
-  vocab_.reserve(vocab.size() * 2);
-  for (std::size_t i = 0; i < vocab.size(); ++i) {
-    // The first occurrence wins, as in HF's vocab loading order.
-    vocab_.emplace(vocab[i], static_cast<std::int32_t>(i));
+std::u32string utf8_to_u32(const std::string& s) {
+  std::u32string out;
+  out.reserve(s.size());
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  const std::size_t n = s.size();
+  std::size_t i = 0;
+  while (i < n) {
+    const unsigned char c = p[i];
+    std::size_t len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
+    if (len == 0 || i + len > n) throw std::invalid_argument("malformed UTF-8");
+    char32_t cp = len == 1 ? c : len == 2 ? (c & 0x1F) : len == 3 ? (c & 0x0F) : (c & 0x07);
+    for (std::size_t k = 1; k < len; ++k) {
+      if ((p[i + k] & 0xC0) != 0x80) throw std::invalid_argument("malformed UTF-8");
+      cp = (cp << 6) | (p[i + k] & 0x3F);
+    }
+    static const char32_t kMin[5] = {0, 0, 0x80, 0x800, 0x10000};
+    if (cp < kMin[len] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) {
+      throw std::invalid_argument("malformed UTF-8 (overlong, surrogate or out of range)");
+    }
+    out.push_back(cp);
+    i += len;
   }
-  auto it = vocab_.find(unk_token);
-  if (it == vocab_.end()) throw std::invalid_argument("unk token is not in the vocabulary");
-  unk_id_ = it->second;
+  return out;
 }
 
-std::int32_t WordPiece::lookup(std::string_view piece, bool continuing) const {
-  std::string key;
-  key.reserve(piece.size() + (continuing ? prefix_.size() : 0));
-  if (continuing) key += prefix_;
-  key.append(piece.data(), piece.size());
-  auto it = vocab_.find(key);
-  return it == vocab_.end() ? -1 : it->second;
+void VocabTrie::grow() {
+  std::vector<std::uint64_t> old_keys = std::move(keys_);
+  std::vector<std::int32_t> old_vals = std::move(vals_);
+  const std::size_t cap = std::max<std::size_t>(1024, old_keys.size() * 2);
+  keys_.assign(cap, kEmpty);
+  vals_.assign(cap, kNone);
+  for (std::size_t i = 0; i < old_keys.size(); ++i) {
+    if (old_keys[i] != kEmpty) put_edge(old_keys[i], old_vals[i]);
+  }
 }
 
-void WordPiece::tokenize_word(std::string_view word, std::vector<std::int32_t>& out) const {
-  // Code point boundaries, so candidate pieces never split a character.
-  std::vector<std::size_t> bounds;
-  bounds.reserve(word.size() + 1);
-  for (std::size_t i = 0; i < word.size(); i += utf8_len(static_cast<unsigned char>(word[i]))) {
-    bounds.push_back(i);
+void VocabTrie::put_edge(std::uint64_t key, std::int32_t child) {
+  const std::size_t mask = keys_.size() - 1;
+  std::size_t s = slot_of(key, mask);
+  while (keys_[s] != kEmpty) s = (s + 1) & mask;
+  keys_[s] = key;
+  vals_[s] = child;
+}
+
+std::int32_t VocabTrie::find_edge(std::int32_t node, char32_t cp) const {
+  if (keys_.empty() || node < 0) return kNone;
+  const std::uint64_t key = edge_key(node, cp);
+  const std::size_t mask = keys_.size() - 1;
+  for (std::size_t s = slot_of(key, mask);; s = (s + 1) & mask) {
+    if (keys_[s] == key) return vals_[s];
+    if (keys_[s] == kEmpty) return kNone;
   }
-  bounds.push_back(word.size());
-  const std::size_t n_chars = bounds.size() - 1;
-  if (n_chars == 0) return;
-  if (n_chars > max_chars_) {
+}
+
+void VocabTrie::insert(const std::u32string& key, std::int32_t id) {
+  std::int32_t node = 0;
+  for (char32_t cp : key) {
+    std::int32_t next = find_edge(node, cp);
+    if (next == kNone) {
+      if ((n_edges_ + 1) * 2 > keys_.size()) grow();  // load factor <= 1/2
+      next = static_cast<std::int32_t>(terminal_.size());
+      terminal_.push_back(kNone);
+      put_edge(edge_key(node, cp), next);
+      ++n_edges_;
+    }
+    node = next;
+  }
+  terminal_[node] = id;
+}
+
+void VocabTrie::finish() {
+  for (char32_t c = 0; c < 128; ++c) {
+    root_ascii_[c] = find_edge(0, c);
+    cont_ascii_[c] = cont_root_ == kNone ? kNone : find_edge(cont_root_, c);
+  }
+}
+
+std::int32_t VocabTrie::walk(const std::u32string& key) const {
+  std::int32_t node = 0;
+  for (char32_t cp : key) {
+    node = find_edge(node, cp);
+    if (node == kNone) return kNone;
+  }
+  return node;
+}
+
+WordPiece::WordPiece(const std::vector<std::pair<std::string, std::int32_t>>& vocab,
+                     const std::string& unk_token, std::size_t max_input_chars_per_word,
+                     const std::string& continuing_prefix)
+    : max_chars_(max_input_chars_per_word) {
+  for (const auto& [token, id] : vocab) {
+    if (id < 0) throw std::invalid_argument("negative token id");
+    trie_.insert(utf8_to_u32(token), id);  // re-inserting a token overwrites its id
+  }
+  const std::u32string prefix = utf8_to_u32(continuing_prefix);
+  cont_root_ = prefix.empty() ? 0 : trie_.walk(prefix);
+  trie_.set_cont_root(cont_root_);
+  trie_.finish();
+  unk_id_ = token_id(unk_token);
+  if (unk_id_ < 0) throw std::invalid_argument("the unk token is not in the vocabulary");
+}
+
+std::int32_t WordPiece::token_id(const std::string& token) const {
+  const std::u32string key = utf8_to_u32(token);
+  if (key.empty()) return -1;
+  const std::int32_t node = trie_.walk(key);
+  return node == VocabTrie::kNone ? -1 : trie_.terminal(node);
+}
+
+void WordPiece::tokenize(const char32_t* word, std::size_t n, std::vector<std::int32_t>& out) const {
+  if (n == 0) return;
+  if (n > max_chars_) {
     out.push_back(unk_id_);
     return;
   }
   const std::size_t mark = out.size();
   std::size_t start = 0;
-  while (start < n_chars) {
-    std::size_t end = n_chars;
-    std::int32_t found = -1;
-    while (end > start) {
-      found = lookup(word.substr(bounds[start], bounds[end] - bounds[start]), start > 0);
-      if (found >= 0) break;
-      --end;
+  while (start < n) {
+    // Walk as far as the trie allows; the last terminal seen is the longest vocabulary piece.
+    std::int32_t node = start == 0 ? 0 : cont_root_;
+    std::size_t best_end = 0;
+    std::int32_t best_id = -1;
+    for (std::size_t p = start; p < n && node != VocabTrie::kNone; ++p) {
+      node = trie_.child(node, word[p]);
+      if (node != VocabTrie::kNone && trie_.terminal(node) >= 0) {
+        best_end = p + 1;
+        best_id = trie_.terminal(node);
+      }
     }
-    if (found < 0) {
+    if (best_id < 0) {
       out.resize(mark);
       out.push_back(unk_id_);
       return;
     }
-    out.push_back(found);
-    start = end;
-  }
-}
-
-void WordPiece::tokenize_words(const std::vector<std::string>& words,
-                               std::vector<std::int32_t>& ids,
-                               std::vector<std::int64_t>& offsets) const {
-  offsets.clear();
-  offsets.reserve(words.size() + 1);
-  offsets.push_back(0);
-  for (const auto& w : words) {
-    tokenize_word(w, ids);
-    offsets.push_back(static_cast<std::int64_t>(ids.size()));
+    out.push_back(best_id);
+    start = best_end;
   }
 }
 

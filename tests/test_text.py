@@ -9,41 +9,12 @@ from lrec_fast.text import (
     CachedEncoder,
     HashingEncoder,
     MiniLMEncoder,
-    WordPieceTokenizer,
     encoder_by_name,
     minilm_dir,
 )
 
 TEXTS = ["Toy Story (1995) | Animation, Children's, Comedy", "", "Café crème ünïcödé 東京",
          "a " * 300, "Heat (1995) | Action, Crime"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tok() -> WordPieceTokenizer:
-    return WordPieceTokenizer.from_pretrained_dir(minilm_dir())
-
-
-def test_tokenizer_matches_transformers(tok):
-    from transformers import BertTokenizerFast
-
-    hf = BertTokenizerFast.from_pretrained(str(minilm_dir()), local_files_only=True)
-    for padding in ("longest", "max_length"):
-        got = tok.encode_batch(TEXTS, max_length=32, padding=padding)
-        want = hf(TEXTS, max_length=32, padding=padding, truncation=True, return_tensors="np")
-        for key in ("input_ids", "attention_mask", "token_type_ids"):
-            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{key} {padding}")
-    one = tok.encode("Heat (1995)")
-    assert one["input_ids"][0] == 101 and one["input_ids"][-1] == 102
-
-
-def test_tokenizer_bad_input(tok):
-    with pytest.raises(TypeError):
-        tok.encode_batch("not a list")
-    with pytest.raises(TypeError):
-        tok.encode_batch(["ok", None])  # type: ignore[list-item]
-    with pytest.raises(ValueError, match="surrogate"):
-        tok.encode_batch(["\udc80"])
-    assert tok.encode_batch([])["input_ids"].shape == (0, 0)
 
 
 def test_minilm_matches_sentence_transformers():
