@@ -158,12 +158,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"lrec-fast {__version__}, torch {torch.__version__}")
     print(f"backends available: {', '.join(available_backends())}; "
           f"selected: {resolve_backend(None).name}")  # fmt: skip
-    import importlib.util
+    from .text import tokenizer
 
-    if importlib.util.find_spec("lrec_fast._wordpiece") is not None:
-        print("C++ extension lrec_fast._wordpiece: built")
+    if tokenizer._ext is not None:
+        print(f"tokeniser: cpp (lrec_fast._wordpiece, tables {tokenizer._ext.UNICODE_REFERENCE})")
     else:
-        print("C++ extension lrec_fast._wordpiece: missing (HF tokenizers fallback)")
+        print("tokeniser: hf (C++ extension lrec_fast._wordpiece missing: HF tokenizers fallback)")
     return 0
 
 

@@ -121,3 +121,16 @@ def test_encoder_uses_the_fast_tokenizer():
     enc = MiniLMEncoder.__new__(MiniLMEncoder)  # the tokeniser only, no model weights
     enc.tokenizer = WordPieceTokenizer.from_pretrained_dir(minilm_dir())
     assert enc.tokenizer.backend == ("cpp" if HAVE_EXT else "hf")
+
+
+def test_concurrent_callers_get_their_own_answers(tok):
+    """Python threads call one tokeniser at once (the C++ path runs without the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [fuzz_texts(200, seed=s) for s in range(8)]
+    want = [tok.encode_batch(b, max_length=48) for b in batches]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda b: tok.encode_batch(b, max_length=48), batches * 3))
+    for n, out in enumerate(got):
+        for key in KEYS:
+            np.testing.assert_array_equal(out[key], want[n % len(batches)][key])
