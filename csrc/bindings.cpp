@@ -27,6 +27,9 @@ std::vector<lrec::TextRef> text_refs(const py::sequence& seq, const char* what,
       throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] is " +
                            Py_TYPE(o)->tp_name + ", expected str");
     }
+#if PY_VERSION_HEX < 0x030C0000
+    if (PyUnicode_READY(o) != 0) throw py::error_already_set();  // legacy (non-compact) str
+#endif
     refs[i] = {PyUnicode_DATA(o), static_cast<std::size_t>(PyUnicode_GET_LENGTH(o)),
                static_cast<int>(PyUnicode_KIND(o))};
     owners.push_back(std::move(item));

@@ -1,6 +1,7 @@
 #include "tokenizer.hpp"
 
 #include <algorithm>
+#include <exception>
 #include <thread>
 
 namespace lrec {
@@ -46,12 +47,22 @@ void parallel_ranges(std::size_t n, int threads, const std::vector<std::size_t>*
     for (std::size_t p = 1; p < parts; ++p) bounds.push_back(n * p / parts);
   }
   bounds.push_back(n);
+  // An exception in a worker (bad_alloc) must reach the caller, not std::terminate.
+  std::vector<std::exception_ptr> errors(bounds.size() - 1);
+  auto guarded = [&](std::size_t p) {
+    try {
+      fn(p, bounds[p], bounds[p + 1]);
+    } catch (...) {
+      errors[p] = std::current_exception();
+    }
+  };
   std::vector<std::thread> pool;
-  for (std::size_t p = 1; p + 1 < bounds.size(); ++p) {
-    pool.emplace_back(fn, p, bounds[p], bounds[p + 1]);
-  }
-  fn(0, bounds[0], bounds[1]);  // the calling thread takes the first part
+  for (std::size_t p = 1; p + 1 < bounds.size(); ++p) pool.emplace_back(guarded, p);
+  guarded(0);  // the calling thread takes the first part
   for (auto& t : pool) t.join();
+  for (const auto& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
 }
 
 int BertTokenizer::choose_threads(std::size_t work_units, int requested) {

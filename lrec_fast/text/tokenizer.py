@@ -207,6 +207,9 @@ class WordPieceTokenizer:
         threads = 0 if num_threads is None else int(num_threads)
         if threads < 0:
             raise ValueError("num_threads must be positive or None")
+        texts = _as_list(texts, "texts")
+        if text_pairs is not None:
+            text_pairs = _as_list(text_pairs, "text_pairs")
         if self._cpp is not None:
             out: dict[str, np.ndarray] = self._cpp.encode_batch(
                 texts, text_pairs, max_length, truncation, pad_max, threads, int32
@@ -273,6 +276,15 @@ class WordPieceTokenizer:
             mask[r, :n] = 1
             types[r, :n] = e.type_ids
         return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def _as_list(texts: Sequence[str], what: str) -> Sequence[str]:
+    """Lists and tuples pass as they are; other iterables of str are listed once."""
+    if isinstance(texts, list | tuple):
+        return texts
+    if isinstance(texts, str | bytes):
+        raise TypeError(f"{what} must be a sequence of str, not one {type(texts).__name__}")
+    return list(texts)
 
 
 def _padding_to_max(padding: Padding | bool) -> bool:
