@@ -101,7 +101,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(_table(rows))
     lo = results["lifelong"].overall
     print(f"\nlifelong updates: {lo['update_ms_per_batch']:.2f} ms per micro-batch of "
-          f"{args.batch_size} (torch reference path), rejected batches: "
+          f"{args.batch_size} (guarded step, {rec.backend} kernels), rejected batches: "
           f"{int(lo['rejected_batches'])}")  # fmt: skip
 
     _example(rec, ds)

@@ -81,7 +81,9 @@ def test_cli_version_and_info(capsys):
         main(["--version"])
     assert __version__ in capsys.readouterr().out
     assert main(["info"]) == 0
-    assert "backends available: torch" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "backends available: numba, torch; selected: numba" in out
+    assert "tokeniser: " in out
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ Backend contract (the same for every hot path):
   ``BackendUnavailable`` saying why: never a silent fallback;
 - ``torch`` (``reference.py``) is always there and is the truth the others are tested against.
 
-In this release only the torch backend is implemented; triton and numba are registered names
-that report themselves unavailable.
+Implemented: numba (``cpu.py``) and torch. triton is a registered name that reports itself
+unavailable until its kernels land.
 """
 
 from __future__ import annotations
@@ -35,8 +35,14 @@ class Backend:
 def _load(name: str) -> Backend:
     if name == "torch":
         return Backend("torch", reference)
-    if name in ("numba", "triton"):
-        raise BackendUnavailable(f"backend {name!r} is not implemented in this release yet")
+    if name == "numba":
+        try:
+            from . import cpu
+        except ImportError as exc:  # numba missing or broken
+            raise BackendUnavailable(f"backend 'numba' cannot be imported: {exc}") from exc
+        return Backend("numba", cpu)
+    if name == "triton":
+        raise BackendUnavailable("backend 'triton' is not implemented in this release yet")
     raise BackendUnavailable(f"unknown backend {name!r}; choose from {', '.join(PRIORITY)}")
 
 
@@ -70,11 +76,17 @@ def mf_sgd_step(*args, backend: str | None = None, **kwargs):  # type: ignore[no
     return resolve_backend(backend).module.mf_sgd_step(*args, **kwargs)
 
 
+def mf_adagrad_step(*args, backend: str | None = None, **kwargs):  # type: ignore[no-untyped-def]
+    """Dispatching row-wise Adagrad step; see ``reference.mf_adagrad_step``."""
+    return resolve_backend(backend).module.mf_adagrad_step(*args, **kwargs)
+
+
 __all__ = [
     "PRIORITY",
     "Backend",
     "BackendUnavailable",
     "available_backends",
+    "mf_adagrad_step",
     "mf_sgd_step",
     "reference",
     "resolve_backend",

@@ -53,21 +53,23 @@ def score_topk(
     query_scale: float = 1.0,
     item_scale: float = 1.0,
     exclude: Exclude = None,
+    row_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k items per query by ``query_scale * item_scale * <q, v_j> + item_bias[j]``.
+    """Top-k items per query by ``query_scale * item_scale * row_scale[j] * <q, v_j> + b[j]``.
 
-    queries: float [B, d]; items: float [N, d]; item_bias: float [N] or None.
+    queries: float [B, d]; items: [N, d] float32, float16, bfloat16, or int8 with
+    ``row_scale`` float32 [N] (a quantised catalogue, see ``quantize_rows``); item_bias: float
+    [N] or None. Scores are computed in float32; a NaN score counts as -inf.
     Returns (scores float32 [B, k], indices int64 [B, k]): rows sorted by score descending,
     ties by lower index; where fewer than k items are eligible the tail is index -1, score -inf.
     """
-    if queries.dim() != 2 or items.dim() != 2 or queries.shape[1] != items.shape[1]:
-        raise ValueError(f"shapes {tuple(queries.shape)} and {tuple(items.shape)} do not match")
-    if k < 0:
-        raise ValueError("k must be >= 0")
+    check_score_args(queries, items, k, item_bias, row_scale)
     b, n = queries.shape[0], items.shape[0]
-    scores = (queries.float() @ items.float().T) * float(query_scale * item_scale)
+    table = items.float() if row_scale is None else items.float() * row_scale.float()[:, None]
+    scores = (queries.float() @ table.T) * float(query_scale * item_scale)
     if item_bias is not None:
         scores = scores + item_bias.float()[None, :]
+    scores = scores.masked_fill(scores.isnan(), float("-inf"))
     kk = min(k, n)
     if kk == 0 or b == 0:
         top, idx = torch.zeros(b, 0), torch.zeros(b, 0, dtype=torch.int64)
@@ -96,6 +98,42 @@ def score_topk(
     return top, idx
 
 
+SCORE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
+
+
+def check_score_args(
+    queries: torch.Tensor,
+    items: torch.Tensor,
+    k: int,
+    item_bias: torch.Tensor | None,
+    row_scale: torch.Tensor | None,
+) -> None:
+    """The argument checks every score_topk backend shares (clear errors, nothing computed)."""
+    if queries.dim() != 2 or items.dim() != 2 or queries.shape[1] != items.shape[1]:
+        raise ValueError(f"shapes {tuple(queries.shape)} and {tuple(items.shape)} do not match")
+    if k < 0:
+        raise ValueError("k must be >= 0")
+    if items.dtype not in SCORE_DTYPES:
+        raise ValueError(f"items must be one of {SCORE_DTYPES}, not {items.dtype}")
+    if (items.dtype == torch.int8) != (row_scale is not None):
+        raise ValueError("int8 items need row_scale (float32 [N]); other dtypes take none")
+    n = items.shape[0]
+    if item_bias is not None and item_bias.shape != (n,):
+        raise ValueError(f"item_bias must have shape ({n},), not {tuple(item_bias.shape)}")
+    if row_scale is not None and row_scale.shape != (n,):
+        raise ValueError(f"row_scale must have shape ({n},), not {tuple(row_scale.shape)}")
+
+
+def quantize_rows(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 quantisation: (values int8 [N, d], row_scale float32 [N]) with
+    table ~= values * row_scale[:, None]; a zero row gets scale 1."""
+    t = table.float()
+    amax = t.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    values = torch.round(t / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return values, scale
+
+
 def predict(
     user_rows: torch.Tensor,
     item_rows: torch.Tensor,
@@ -113,6 +151,19 @@ def predict(
     return (
         float(mu) + user_bias[users] * s[SCALE_USER_BIAS] + item_bias[items] * s[SCALE_ITEM_BIAS]
     ) + dot
+
+
+def _errors(
+    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    scales: torch.Tensor,
+    mu: torch.Tensor,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    ratings: torch.Tensor,
+) -> tuple[torch.Tensor, float, list[float]]:
+    """Per-event g_n = 2 (r_n - y_hat_n) / N (minus dL/dy_hat_n), the batch MSE, the scales."""
+    err = ratings.float() - predict(*tables, scales, mu, users, items)
+    return err * (2.0 / users.numel()), float((err.double() ** 2).mean()), scales.tolist()
 
 
 def mf_sgd_step(
@@ -140,23 +191,71 @@ def mf_sgd_step(
     (1 - lr * weight_decay) and the gradient is applied to touched raw rows divided by the new
     scale. Returns the batch loss before the step.
     """
-    n = users.numel()
-    if n == 0:
+    if users.numel() == 0:
         return 0.0
-    s = scales.tolist()
-    err = ratings.float() - predict(user_rows, item_rows, user_bias, item_bias, scales, mu,
-                                    users, items)  # fmt: skip
-    loss = float((err.double() ** 2).mean())
-    # dL/dy_hat_n = -2 e_n / N; minus sign folded into "add".
-    g = err * (2.0 / n)
+    g, loss, s = _errors((user_rows, item_rows, user_bias, item_bias), scales, mu, users, items,
+                         ratings)  # fmt: skip
     u_true = user_rows[users] * s[SCALE_USER]
     v_true = item_rows[items] * s[SCALE_ITEM]
-    keep = 1.0 - lr * weight_decay
-    new = [x * keep for x in s]
+    new = [x * (1.0 - lr * weight_decay) for x in s]
     user_rows.index_add_(0, users, g[:, None] * v_true, alpha=lr / new[SCALE_USER])
     item_rows.index_add_(0, items, g[:, None] * u_true, alpha=lr / new[SCALE_ITEM])
     user_bias.index_add_(0, users, g, alpha=lr / new[SCALE_USER_BIAS])
     item_bias.index_add_(0, items, g, alpha=lr / new[SCALE_ITEM_BIAS])
+    scales.copy_(torch.tensor(new, dtype=torch.float64))
+    if learn_mu:
+        mu += lr * float(g.double().sum())
+    return loss
+
+
+def mf_adagrad_step(
+    user_rows: torch.Tensor,
+    item_rows: torch.Tensor,
+    user_bias: torch.Tensor,
+    item_bias: torch.Tensor,
+    scales: torch.Tensor,
+    mu: torch.Tensor,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    ratings: torch.Tensor,
+    lr: float,
+    weight_decay: float,
+    accumulators: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    eps: float = 1e-8,
+    learn_mu: bool = True,
+) -> float:
+    """Row-wise Adagrad with decoupled weight decay (FBGEMM's "rowwise" mode), in place.
+
+    For each touched row r of U and V, with G_r its gradient summed over the batch's duplicate
+    events (d values): a_r <- a_r + mean(G_r^2), then
+        theta_r <- theta_r - lr * G_r / (sqrt(a_r) + eps) - lr * weight_decay * theta_r;
+    biases are rows of one value (a <- a + G^2). Untouched rows only decay (lazily, through the
+    scales, as in ``mf_sgd_step``); the accumulators do not decay. accumulators: float32
+    (a_user [n_users], a_item [n_items], a_user_bias [n_users], a_item_bias [n_items]), updated
+    in place. mu takes the plain SGD step if learn_mu. Returns the batch loss before the step.
+    """
+    if users.numel() == 0:
+        return 0.0
+    g, loss, s = _errors((user_rows, item_rows, user_bias, item_bias), scales, mu, users, items,
+                         ratings)  # fmt: skip
+    u_true = user_rows[users] * s[SCALE_USER]
+    v_true = item_rows[items] * s[SCALE_ITEM]
+    new = [x * (1.0 - lr * weight_decay) for x in s]
+    a_user, a_item, a_user_bias, a_item_bias = accumulators
+    # Sum each row's gradient over its duplicate events, then one Adagrad step per unique row.
+    for idx, rows, bias, contrib, a_rows, a_bias, w_rows, w_bias in (
+        (users, user_rows, user_bias, g[:, None] * v_true, a_user, a_user_bias,
+         SCALE_USER, SCALE_USER_BIAS),
+        (items, item_rows, item_bias, g[:, None] * u_true, a_item, a_item_bias,
+         SCALE_ITEM, SCALE_ITEM_BIAS),
+    ):  # fmt: skip
+        uniq, inv = idx.unique(return_inverse=True)
+        grad = torch.zeros(len(uniq), rows.shape[1]).index_add_(0, inv, contrib)
+        grad_b = torch.zeros(len(uniq)).index_add_(0, inv, g)
+        a_rows[uniq] += (grad * grad).mean(1)
+        a_bias[uniq] += grad_b * grad_b
+        rows[uniq] += grad / (a_rows[uniq].sqrt() + eps)[:, None] * (lr / new[w_rows])
+        bias[uniq] += grad_b / (a_bias[uniq].sqrt() + eps) * (lr / new[w_bias])
     scales.copy_(torch.tensor(new, dtype=torch.float64))
     if learn_mu:
         mu += lr * float(g.double().sum())

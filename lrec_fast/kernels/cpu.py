@@ -1,0 +1,496 @@
+"""numba CPU kernels, the default backend without a GPU. Same contracts as ``reference.py``.
+
+Scoring never writes the B x N score matrix: for a few queries (B <= FUSED_MAX_B) one fused
+pass reads each item row once, computes every query's score and keeps a running top-k per
+query and per thread (items split into contiguous parts), merged at the end; for many
+queries, BLAS scores a tile of items at a time (cache-sized) and a parallel pass folds the
+tile into the running top-k. Ties go to the lower index everywhere: within a part items come in
+index order and only a strictly better score displaces the k-th; the merge compares (score,
+index).
+
+The update is one call per micro-batch: predictions at the pre-step parameters, then each
+table's rows reduced over duplicate events in a stable sort order (deterministic, no races),
+then the decayed step on the raw rows through the lazy scales.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+from .reference import (
+    SCALE_ITEM,
+    SCALE_ITEM_BIAS,
+    SCALE_USER,
+    SCALE_USER_BIAS,
+    Exclude,
+    check_score_args,
+)
+
+# Reassociation lets the dot products vectorise; NaN and inf semantics stay IEEE.
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+FUSED_MAX_B = 8  # above this, tile + BLAS wins (measured in benchmarks/bench_score.py)
+TILE_BYTES = 1 << 19  # scores of one tile for all queries: about half of L2
+MIN_ITEMS_PER_PART = 1 << 15  # below this a thread costs more than it scans
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+
+
+@njit(inline="always")
+def _excluded(ex_idx: np.ndarray, lo: int, hi: int, j: int) -> bool:
+    """Binary search for j in the sorted ex_idx[lo:hi]."""
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        v = ex_idx[mid]
+        if v == j:
+            return True
+        if v < j:
+            lo = mid + 1
+        else:
+            hi = mid
+    return False
+
+
+@njit(inline="always")
+def _offer(
+    ts: np.ndarray, ti: np.ndarray, cnt: int, k: int, sc: float | np.floating, j: int
+) -> int:
+    """Insert (sc, j) into the sorted (score desc, index asc) list ts/ti of cnt entries, j
+    being larger than every index already there; returns the new count."""
+    p = cnt if cnt < k else k - 1
+    while p > 0 and ts[p - 1] < sc:
+        if p < k:
+            ts[p] = ts[p - 1]
+            ti[p] = ti[p - 1]
+        p -= 1
+    ts[p] = sc
+    ti[p] = j
+    return cnt + 1 if cnt < k else k
+
+
+@njit(cache=True)
+def _consider(
+    sc: float | np.floating,
+    j: int,
+    ex_idx: np.ndarray,
+    e_lo: int,
+    e_hi: int,
+    k: int,
+    ts: np.ndarray,
+    ti: np.ndarray,
+    cnt: int,
+) -> int:
+    """The exact path for one score that may enter a list: NaN -> -inf, exclusion, insert."""
+    if sc != sc:
+        sc = -np.inf
+    if cnt == k and not sc > ts[k - 1]:
+        return cnt
+    if e_hi > e_lo and _excluded(ex_idx, e_lo, e_hi, j):
+        return cnt
+    return _offer(ts, ti, cnt, k, sc, j)
+
+
+@njit(inline="always")
+def _fold_row(
+    sc_row: np.ndarray,
+    width: int,
+    j0: int,
+    ex_idx: np.ndarray,
+    e_lo: int,
+    e_hi: int,
+    k: int,
+    ts: np.ndarray,
+    ti: np.ndarray,
+    cnt: int,
+) -> int:
+    """Fold final scores sc_row[:width] of items j0.. into one query's sorted top-k list.
+
+    Once the list is full, a block of 16 scores whose maximum does not beat the k-th best is
+    dismissed after one vectorised pass; only blocks that might enter take the exact path
+    (NaN -> -inf, exclusion by binary search, insertion). Returns the new count."""
+    for c0 in range(0, width, 16):
+        c1 = min(c0 + 16, width)
+        if cnt == k:
+            m = np.float32(-np.inf)
+            for jj in range(c0, c1):
+                m = max(m, sc_row[jj])
+            if not m > ts[k - 1]:
+                continue
+        for jj in range(c0, c1):
+            cnt = _consider(sc_row[jj], j0 + jj, ex_idx, e_lo, e_hi, k, ts, ti, cnt)
+    return cnt
+
+
+def _scan_py(
+    q: np.ndarray,
+    items: np.ndarray,
+    row_scale: np.ndarray,
+    use_rs: bool,
+    bias: np.ndarray,
+    use_bias: bool,
+    alpha: np.float32,
+    ex_ptr: np.ndarray,
+    ex_idx: np.ndarray,
+    k: int,
+    ts: np.ndarray,
+    ti: np.ndarray,
+    tn: np.ndarray,
+) -> None:
+    """Fused scan: contiguous parts of the item table in parallel, each row read once and
+    scored for every query; the hot path is one compare against the part's k-th best.
+
+    (Scores are not staged in a buffer: a store per row lets LLVM vectorise across rows with
+    gathers, 1.5x slower than vectorising each dot product.)"""
+    n_parts, nb = tn.shape
+    n, d = items.shape
+    for part in prange(n_parts):
+        lo = part * n // n_parts
+        hi = (part + 1) * n // n_parts
+        lim = np.full(nb, -np.inf, np.float32)
+        if nb == 1:  # q in registers: 1.5x faster than the general loop below
+            q0 = q[0]
+            e_lo, e_hi = ex_ptr[0], ex_ptr[1]
+            cnt = tn[part, 0]
+            lim0 = np.float32(np.inf)  # unused until the list is full
+            for j in range(lo, hi):
+                acc = np.float32(0.0)
+                for t in range(d):
+                    acc += q0[t] * np.float32(items[j, t])
+                sc = acc * (alpha * row_scale[j] if use_rs else alpha)
+                sc += bias[j] if use_bias else np.float32(0.0)
+                if cnt == k and not sc > lim0:
+                    continue
+                cnt = _consider(sc, j, ex_idx, e_lo, e_hi, k, ts[part, 0], ti[part, 0], cnt)
+                if cnt == k:
+                    lim0 = ts[part, 0, k - 1]
+            tn[part, 0] = cnt
+        else:
+            for j in range(lo, hi):
+                mult = alpha * row_scale[j] if use_rs else alpha
+                add = bias[j] if use_bias else np.float32(0.0)
+                for b in range(nb):
+                    acc = np.float32(0.0)
+                    for t in range(d):
+                        acc += q[b, t] * np.float32(items[j, t])
+                    sc = acc * mult + add
+                    cnt = tn[part, b]
+                    if cnt == k and not sc > lim[b]:
+                        continue
+                    cnt = _consider(sc, j, ex_idx, ex_ptr[b], ex_ptr[b + 1], k, ts[part, b],
+                                    ti[part, b], cnt)  # fmt: skip
+                    tn[part, b] = cnt
+                    if cnt == k:
+                        lim[b] = ts[part, b, k - 1]
+
+
+_scan_par = njit(parallel=True, cache=True, fastmath=FASTMATH)(_scan_py)
+_scan_ser = njit(parallel=False, cache=True, fastmath=FASTMATH)(_scan_py)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _fold(
+    raw: np.ndarray,
+    j0: int,
+    row_scale: np.ndarray,
+    use_rs: bool,
+    bias: np.ndarray,
+    use_bias: bool,
+    alpha: np.float32,
+    ex_ptr: np.ndarray,
+    ex_idx: np.ndarray,
+    k: int,
+    ts: np.ndarray,
+    ti: np.ndarray,
+    tn: np.ndarray,
+) -> None:
+    """Fold a tile of raw dot products [B, T] (items j0 .. j0+T-1) into the running top-k."""
+    nb, width = raw.shape
+    mult = np.empty(width, np.float32)
+    add = np.zeros(width, np.float32)
+    for jj in range(width):
+        mult[jj] = alpha * row_scale[j0 + jj] if use_rs else alpha
+        if use_bias:
+            add[jj] = bias[j0 + jj]
+    for b in range(nb):
+        for jj in range(width):  # row by row: a column pass would thrash L1 (8 KB stride)
+            raw[b, jj] = raw[b, jj] * mult[jj] + add[jj]
+        tn[b] = _fold_row(raw[b], width, j0, ex_idx, ex_ptr[b], ex_ptr[b + 1], k, ts[b], ti[b],
+                          tn[b])  # fmt: skip
+
+
+@njit(cache=True)
+def _merge(
+    ts: np.ndarray, ti: np.ndarray, tn: np.ndarray, k: int, out_s: np.ndarray, out_i: np.ndarray
+) -> None:
+    """k-way merge of the per-part sorted lists [P, B, k] by (score desc, index asc)."""
+    n_parts, nb = tn.shape
+    pos = np.zeros(n_parts, np.int64)
+    for b in range(nb):
+        pos[:] = 0
+        for r in range(k):
+            best = -1
+            bs = np.float32(0.0)
+            bi = 0
+            for p in range(n_parts):
+                if pos[p] < tn[p, b]:
+                    s = ts[p, b, pos[p]]
+                    i = ti[p, b, pos[p]]
+                    if best < 0 or s > bs or (s == bs and i < bi):
+                        best, bs, bi = p, s, i
+            if best < 0:
+                break
+            out_s[b, r] = bs
+            out_i[b, r] = bi
+            pos[best] += 1
+
+
+def exclusion_csr(exclude: Exclude, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exclusions as CSR (indptr int64 [B+1], indices int64) sorted within each row."""
+    if exclude is None:
+        return np.zeros(n_queries + 1, np.int64), np.zeros(0, np.int64)
+    if isinstance(exclude, tuple) and len(exclude) == 2 and isinstance(exclude[0], torch.Tensor):
+        ptr = np.asarray(exclude[0], dtype=np.int64)
+        idx = np.asarray(exclude[1], dtype=np.int64)
+        if ptr.shape != (n_queries + 1,):
+            raise ValueError("CSR exclude: indptr must have B + 1 entries")
+    else:
+        if len(exclude) != n_queries:
+            raise ValueError(f"exclude has {len(exclude)} rows for {n_queries} queries")
+        rows = [np.asarray(e, dtype=np.int64).reshape(-1) for e in exclude]
+        ptr = np.zeros(n_queries + 1, np.int64)
+        np.cumsum([len(r) for r in rows], out=ptr[1:])
+        idx = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    if idx.size:
+        row_of = np.repeat(np.arange(n_queries), np.diff(ptr))
+        idx = idx[np.lexsort((idx, row_of))]
+    return ptr, idx
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().float().numpy())
+
+
+def score_topk(
+    queries: torch.Tensor,
+    items: torch.Tensor,
+    k: int,
+    *,
+    item_bias: torch.Tensor | None = None,
+    query_scale: float = 1.0,
+    item_scale: float = 1.0,
+    exclude: Exclude = None,
+    row_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.score_topk`` on the CPU without the B x N score matrix."""
+    check_score_args(queries, items, k, item_bias, row_scale)
+    nb, n = queries.shape[0], items.shape[0]
+    out_s = np.full((nb, k), -np.inf, np.float32)
+    out_i = np.full((nb, k), -1, np.int64)
+    if nb == 0 or k == 0 or n == 0:
+        return torch.from_numpy(out_s), torch.from_numpy(out_i)
+    q = _f32(queries)
+    ex_ptr, ex_idx = exclusion_csr(exclude, nb)
+    alpha = np.float32(query_scale * item_scale)
+    use_bias = item_bias is not None
+    bias = _f32(item_bias) if item_bias is not None else np.zeros(1, np.float32)
+    use_rs = row_scale is not None
+    rs = _f32(row_scale) if row_scale is not None else np.ones(1, np.float32)
+    kk = min(k, n)
+    threads = numba.get_num_threads()
+    if nb <= FUSED_MAX_B and items.dtype in (torch.float32, torch.int8):
+        table = items.detach().contiguous().numpy()
+        n_parts = max(1, min(4 * threads, n // MIN_ITEMS_PER_PART))
+        ps = np.full((n_parts, nb, kk), -np.inf, np.float32)  # per-part lists, then merged
+        pi = np.full((n_parts, nb, kk), -1, np.int64)
+        pn = np.zeros((n_parts, nb), np.int64)
+        scan = _scan_par if n_parts > 1 else _scan_ser
+        scan(q, table, rs, use_rs, bias, use_bias, alpha, ex_ptr, ex_idx, kk, ps, pi, pn)
+        _merge(ps, pi, pn, kk, out_s, out_i)
+    else:
+        ts = np.full((nb, kk), -np.inf, np.float32)
+        ti = np.full((nb, kk), -1, np.int64)
+        tn = np.zeros(nb, np.int64)
+        qt = torch.from_numpy(q)
+        tile = max(256, TILE_BYTES // (4 * nb))
+        for j0 in range(0, n, tile):
+            # torch's GEMM, not numpy's: OpenBLAS threads spin between calls and starve the
+            # fold (measured 40x slower interleaved); the fold itself runs on the calling thread.
+            raw = torch.mm(qt, items[j0 : j0 + tile].float().T).numpy()
+            _fold(raw, j0, rs, use_rs, bias, use_bias, alpha, ex_ptr, ex_idx, kk, ts, ti, tn)
+        out_s[:, :kk] = ts
+        out_i[:, :kk] = ti
+    return torch.from_numpy(out_s), torch.from_numpy(out_i)
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused update
+
+
+@njit(cache=True)
+def _step(
+    U: np.ndarray,
+    V: np.ndarray,
+    bu: np.ndarray,
+    bv: np.ndarray,
+    scales: np.ndarray,
+    mu: np.ndarray,
+    users: np.ndarray,
+    items: np.ndarray,
+    ratings: np.ndarray,
+    lr: float,
+    wd: float,
+    learn_mu: bool,
+    adagrad: bool,
+    acc_u: np.ndarray,
+    acc_v: np.ndarray,
+    acc_bu: np.ndarray,
+    acc_bv: np.ndarray,
+    eps: float,
+) -> float:
+    n = users.size
+    d = U.shape[1]
+    s_u, s_v = scales[SCALE_USER], scales[SCALE_ITEM]
+    s_bu, s_bv = scales[SCALE_USER_BIAS], scales[SCALE_ITEM_BIAS]
+    uv = np.float32(s_u * s_v)
+    g = np.empty(n, np.float32)
+    u_true = np.empty((n, d), np.float32)
+    v_true = np.empty((n, d), np.float32)
+    loss = 0.0
+    g_sum = 0.0
+    two_over_n = np.float32(2.0 / n)
+    for e in range(n):
+        u, i = users[e], items[e]
+        dot = np.float32(0.0)
+        for t in range(d):
+            dot += U[u, t] * V[i, t]
+        pred = np.float32(mu[0]) + bu[u] * np.float32(s_bu) + bv[i] * np.float32(s_bv) + dot * uv
+        err = np.float32(ratings[e]) - pred
+        loss += float(err) * float(err)
+        g[e] = err * two_over_n
+        g_sum += float(g[e])
+        for t in range(d):
+            u_true[e, t] = U[u, t] * np.float32(s_u)
+            v_true[e, t] = V[i, t] * np.float32(s_v)
+    keep = 1.0 - lr * wd
+    new = np.empty(4)
+    for w in range(4):
+        new[w] = scales[w] * keep
+    grad = np.empty(d, np.float32)
+    # users take v_true, items take u_true; one pass per table over its rows in sorted order
+    for side in range(2):
+        idx = users if side == 0 else items
+        rows = U if side == 0 else V
+        bias = bu if side == 0 else bv
+        other = v_true if side == 0 else u_true
+        a_rows = acc_u if side == 0 else acc_v
+        a_bias = acc_bu if side == 0 else acc_bv
+        a_r = np.float32(lr / new[SCALE_USER if side == 0 else SCALE_ITEM])
+        a_b = np.float32(lr / new[SCALE_USER_BIAS if side == 0 else SCALE_ITEM_BIAS])
+        order = np.argsort(idx, kind="mergesort")  # stable: duplicates in event order
+        p = 0
+        while p < n:
+            r = idx[order[p]]
+            grad[:] = 0.0
+            gb = np.float32(0.0)
+            q = p
+            while q < n and idx[order[q]] == r:
+                e = order[q]
+                for t in range(d):
+                    grad[t] += g[e] * other[e, t]
+                gb += g[e]
+                q += 1
+            if adagrad:
+                sq = np.float32(0.0)
+                for t in range(d):
+                    sq += grad[t] * grad[t]
+                a_rows[r] += sq / np.float32(d)
+                a_bias[r] += gb * gb
+                f_r = a_r / (np.sqrt(a_rows[r]) + np.float32(eps))
+                f_b = a_b / (np.sqrt(a_bias[r]) + np.float32(eps))
+            else:
+                f_r, f_b = a_r, a_b
+            for t in range(d):
+                rows[r, t] += grad[t] * f_r
+            bias[r] += gb * f_b
+            p = q
+    for w in range(4):
+        scales[w] = new[w]
+    if learn_mu:
+        mu[0] += lr * g_sum
+    return loss / n
+
+
+_NO_ACC = np.zeros(1, np.float32)
+
+
+def _run_step(
+    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    scales: torch.Tensor,
+    mu: torch.Tensor,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    ratings: torch.Tensor,
+    lr: float,
+    weight_decay: float,
+    learn_mu: bool,
+    accumulators: tuple[torch.Tensor, ...] | None,
+    eps: float,
+) -> float:
+    if users.numel() == 0:
+        return 0.0
+    for t in (*tables, scales, mu, *(accumulators or ())):
+        if not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError("the numba backend needs contiguous CPU tensors")
+    acc = [a.numpy() for a in accumulators] if accumulators else [_NO_ACC] * 4
+    u, v, bu, bv = (t.numpy() for t in tables)
+    loss = _step(u, v, bu, bv, scales.numpy(), mu.numpy(), users.numpy(), items.numpy(),
+                 ratings.float().numpy(), float(lr), float(weight_decay), bool(learn_mu),
+                 accumulators is not None, acc[0], acc[1], acc[2], acc[3], float(eps))  # fmt: skip
+    return float(loss)
+
+
+def mf_sgd_step(
+    user_rows: torch.Tensor,
+    item_rows: torch.Tensor,
+    user_bias: torch.Tensor,
+    item_bias: torch.Tensor,
+    scales: torch.Tensor,
+    mu: torch.Tensor,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    ratings: torch.Tensor,
+    lr: float,
+    weight_decay: float,
+    learn_mu: bool = True,
+) -> float:
+    """``reference.mf_sgd_step`` in one compiled call."""
+    return _run_step((user_rows, item_rows, user_bias, item_bias), scales, mu, users, items,
+                     ratings, lr, weight_decay, learn_mu, None, 0.0)  # fmt: skip
+
+
+def mf_adagrad_step(
+    user_rows: torch.Tensor,
+    item_rows: torch.Tensor,
+    user_bias: torch.Tensor,
+    item_bias: torch.Tensor,
+    scales: torch.Tensor,
+    mu: torch.Tensor,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    ratings: torch.Tensor,
+    lr: float,
+    weight_decay: float,
+    accumulators: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    eps: float = 1e-8,
+    learn_mu: bool = True,
+) -> float:
+    """``reference.mf_adagrad_step`` in one compiled call."""
+    return _run_step((user_rows, item_rows, user_bias, item_bias), scales, mu, users, items,
+                     ratings, lr, weight_decay, learn_mu, accumulators, eps)  # fmt: skip
+
+
+__all__ = ["exclusion_csr", "mf_adagrad_step", "mf_sgd_step", "score_topk"]
