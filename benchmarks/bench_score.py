@@ -1,50 +1,123 @@
-"""recommend's hot path: score every item, keep the top k. Ours (dispatch, currently the torch
-reference) vs torch matmul + topk and numpy argpartition, side by side."""
+"""recommend's hot path: score every item, keep the top k. Ours (numba fused kernel, and an
+int8 catalogue) vs torch matmul + topk, numpy argpartition and FAISS IndexFlatIP (bias as an
+extra dimension), side by side; every time also as a multiple of the read-bandwidth floor
+(bytes of the item table / measured read bandwidth).
+
+    pytest benchmarks/bench_score.py --benchmark-enable     # pytest-benchmark tables
+    python -m benchmarks.bench_score                        # one table with the ratios
+"""
 
 from __future__ import annotations
+
+import itertools
+import sys
+from collections.abc import Callable
+from functools import cache
 
 import numpy as np
 import pytest
 import torch
 
 from lrec_fast import kernels
+from lrec_fast.kernels.reference import quantize_rows
 
-from .conftest import N_ITEMS
+from .conftest import N_ITEMS, SMALL
+from .floors import floor_ms, median_ms, read_bandwidth_gbs
 
-
-@pytest.fixture(scope="module", params=N_ITEMS, ids=lambda n: f"N={n}")
-def table(request):
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(request.param, 64, generator=g), torch.randn(request.param, generator=g)
-
-
-@pytest.mark.parametrize("b", [1, 64])
-def test_ours(benchmark, table, b):
-    v, bias = table
-    q = torch.randn(b, 64)
-    benchmark.group = f"score N={len(v)} B={b} k=10"
-    _, i = benchmark(kernels.score_topk, q, v, 10, item_bias=bias, item_scale=0.9)
-    assert i.shape == (b, 10)
+DIMS = [64] if SMALL else [64, 384]
+BATCHES = [1, 64]
+KS = [10, 100]
+IMPLS = ["ours", "ours_int8", "torch", "numpy", "faiss"]
 
 
-@pytest.mark.parametrize("b", [1, 64])
-def test_torch_matmul_topk(benchmark, table, b):
-    v, bias = table
-    q = torch.randn(b, 64)
-    benchmark.group = f"score N={len(v)} B={b} k=10"
-    benchmark(lambda: torch.topk(torch.addmm(bias, q, v.T, alpha=0.9), 10, dim=1))
+@cache
+def catalogue(n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(n + d)
+    return torch.randn(n, d, generator=g), torch.randn(n, generator=g)
 
 
-@pytest.mark.parametrize("b", [1, 64])
-def test_numpy_argpartition(benchmark, table, b):
-    v, bias = (t.numpy() for t in table)
-    q = np.random.default_rng(0).standard_normal((b, 64), dtype=np.float32)
+@cache
+def quantised(n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_rows(catalogue(n, d)[0])
 
-    def run():
-        s = q @ v.T * 0.9 + bias
-        part = np.argpartition(-s, 10, axis=1)[:, :10]
-        top = np.take_along_axis(s, part, 1)
-        return np.take_along_axis(part, np.argsort(-top, 1), 1)
 
-    benchmark.group = f"score N={len(v)} B={b} k=10"
-    benchmark(run)
+@cache
+def faiss_index(n: int, d: int):  # type: ignore[no-untyped-def]
+    import faiss
+
+    v, bias = catalogue(n, d)
+    index = faiss.IndexFlatIP(d + 1)
+    index.add(torch.cat([v, bias[:, None]], 1).numpy())
+    return index
+
+
+def runner(impl: str, n: int, d: int, b: int, k: int) -> Callable[[], object]:
+    v, bias = catalogue(n, d)
+    q = torch.randn(b, d, generator=torch.Generator().manual_seed(7))
+    if impl == "ours":
+        return lambda: kernels.score_topk(q, v, k, item_bias=bias, backend="numba")
+    if impl == "ours_int8":
+        qv, scale = quantised(n, d)
+        return lambda: kernels.score_topk(q, qv, k, item_bias=bias, row_scale=scale,
+                                          backend="numba")  # fmt: skip
+    if impl == "torch":
+        return lambda: torch.topk(torch.addmm(bias, q, v.T), k, dim=1)
+    if impl == "numpy":
+        qn, vn, bn = q.numpy(), v.numpy(), bias.numpy()
+
+        def numpy_topk() -> np.ndarray:
+            s = qn @ vn.T + bn
+            part = np.argpartition(-s, k, axis=1)[:, :k]
+            top = np.take_along_axis(s, part, 1)
+            return np.take_along_axis(part, np.argsort(-top, 1), 1)
+
+        return numpy_topk
+    index = faiss_index(n, d)
+    qa = torch.cat([q, torch.ones(b, 1)], 1).numpy()
+    return lambda: index.search(qa, k)
+
+
+GRID = list(itertools.product(N_ITEMS, DIMS, BATCHES, KS))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(("n", "d", "b", "k"), GRID, ids=lambda x: str(x))
+def test_score(benchmark, impl, n, d, b, k):
+    if impl == "faiss":
+        pytest.importorskip("faiss", reason="pip install faiss-cpu (the bench extra)")
+    benchmark.group = f"score N={n} d={d} B={b} k={k}"
+    benchmark.extra_info["floor_ms"] = floor_ms(n * d * 4)
+    benchmark(runner(impl, n, d, b, k))
+
+
+def report() -> str:
+    bw = read_bandwidth_gbs()
+    lines = [
+        f"read bandwidth {bw:.1f} GB/s; ms (x fp32 table-read floor)",
+        "| N | d | B | k | floor | " + " | ".join(IMPLS) + " | torch/ours | faiss/ours |",
+        "|" + "---|" * (7 + len(IMPLS)),
+    ]
+    for n, d, b, k in GRID:
+        fl = floor_ms(n * d * 4)
+        ms = {}
+        for impl in IMPLS:
+            if impl == "faiss" and "faiss" not in sys.modules:
+                try:
+                    import faiss  # noqa: F401
+                except ImportError:
+                    ms[impl] = float("nan")
+                    continue
+            fn = runner(impl, n, d, b, k)
+            first = median_ms(fn, repeats=1)
+            ms[impl] = median_ms(fn, repeats=3 if first > 300 else 9, warmup=0)
+        cells = " | ".join(f"{ms[i]:.2f} ({ms[i] / fl:.1f}x)" for i in IMPLS)
+        lines.append(
+            f"| {n:,} | {d} | {b} | {k} | {fl:.2f} | {cells} | "
+            f"{ms['torch'] / ms['ours']:.1f}x | {ms['faiss'] / ms['ours']:.1f}x |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())

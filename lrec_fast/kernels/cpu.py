@@ -32,7 +32,7 @@ from .reference import (
 # Reassociation lets the dot products vectorise; NaN and inf semantics stay IEEE.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 FUSED_MAX_B = 8  # above this, tile + BLAS wins (measured in benchmarks/bench_score.py)
-TILE_BYTES = 1 << 19  # scores of one tile for all queries: about half of L2
+TILE_BYTES = 1 << 22  # scores of one tile for all queries (4 MB, in L3; 16k items at B=64)
 MIN_ITEMS_PER_PART = 1 << 15  # below this a thread costs more than it scans
 
 
@@ -56,11 +56,54 @@ def _excluded(ex_idx: np.ndarray, lo: int, hi: int, j: int) -> bool:
 
 
 @njit(inline="always")
+def _worse(s1: float, i1: int, s2: float, i2: int) -> bool:
+    """(s1, i1) ranks below (s2, i2): lower score, or the same score and a higher index."""
+    return s1 < s2 or (s1 == s2 and i1 > i2)
+
+
+@njit(inline="always")
 def _offer(
     ts: np.ndarray, ti: np.ndarray, cnt: int, k: int, sc: float | np.floating, j: int
 ) -> int:
-    """Insert (sc, j) into the sorted (score desc, index asc) list ts/ti of cnt entries, j
-    being larger than every index already there; returns the new count."""
+    """Put (sc, j) into a top-k list kept as a binary heap with the worst entry at the root
+    (O(log k) per insertion; the caller has checked that a full list's root ranks below it).
+    Returns the new count; ``_sort_lists`` orders a heap at the end."""
+    if cnt < k:
+        p = cnt
+        ts[p] = sc
+        ti[p] = j
+        while p > 0:
+            par = (p - 1) >> 1
+            if not _worse(ts[p], ti[p], ts[par], ti[par]):
+                break
+            ts[p], ts[par] = ts[par], ts[p]
+            ti[p], ti[par] = ti[par], ti[p]
+            p = par
+        return cnt + 1
+    ts[0] = sc
+    ti[0] = j
+    p = 0
+    while True:
+        w = p
+        lc = 2 * p + 1
+        if lc < k and _worse(ts[lc], ti[lc], ts[w], ti[w]):
+            w = lc
+        if lc + 1 < k and _worse(ts[lc + 1], ti[lc + 1], ts[w], ti[w]):
+            w = lc + 1
+        if w == p:
+            return k
+        ts[p], ts[w] = ts[w], ts[p]
+        ti[p], ti[w] = ti[w], ti[p]
+        p = w
+
+
+@njit(inline="always")
+def _insert_sorted(
+    ts: np.ndarray, ti: np.ndarray, cnt: int, k: int, sc: float | np.floating, j: int
+) -> int:
+    """Put (sc, j) into a list sorted by (score desc, index asc), j being larger than every
+    index in it (a scan in index order). O(k), but its small code keeps the scan's dot
+    product vectorised where the heap's does not (measured 2x on the fused scan)."""
     p = cnt if cnt < k else k - 1
     while p > 0 and ts[p - 1] < sc:
         if p < k:
@@ -70,6 +113,40 @@ def _offer(
     ts[p] = sc
     ti[p] = j
     return cnt + 1 if cnt < k else k
+
+
+@njit(cache=True)
+def _sort_lists(ts: np.ndarray, ti: np.ndarray, tn: np.ndarray) -> None:
+    """Order each heap ts[r, :tn[r]] by (score desc, index asc); rows are the flattened
+    leading dimensions."""
+    for r in range(tn.size):
+        n = tn[r]
+        by_index = np.argsort(ti[r, :n], kind="mergesort")
+        s = ts[r, :n][by_index]
+        order = by_index[np.argsort(-s, kind="mergesort")]
+        ts[r, :n] = ts[r, :n][order]
+        ti[r, :n] = ti[r, :n][order]
+
+
+def _consider_py(
+    sc: float | np.floating,
+    j: int,
+    ex_idx: np.ndarray,
+    e_lo: int,
+    e_hi: int,
+    k: int,
+    ts: np.ndarray,
+    ti: np.ndarray,
+    cnt: int,
+) -> int:
+    """The exact path for one score that may enter a list: NaN -> -inf, exclusion, insert."""
+    if sc != sc:
+        sc = -np.inf
+    if cnt == k and not _worse(ts[0], ti[0], sc, j):
+        return cnt
+    if e_hi > e_lo and _excluded(ex_idx, e_lo, e_hi, j):
+        return cnt
+    return _offer(ts, ti, cnt, k, sc, j)
 
 
 @njit(cache=True)
@@ -84,14 +161,17 @@ def _consider(
     ti: np.ndarray,
     cnt: int,
 ) -> int:
-    """The exact path for one score that may enter a list: NaN -> -inf, exclusion, insert."""
+    """The scan's slow path, out of line, on a sorted list (see ``_insert_sorted``)."""
     if sc != sc:
         sc = -np.inf
     if cnt == k and not sc > ts[k - 1]:
         return cnt
     if e_hi > e_lo and _excluded(ex_idx, e_lo, e_hi, j):
         return cnt
-    return _offer(ts, ti, cnt, k, sc, j)
+    return _insert_sorted(ts, ti, cnt, k, sc, j)
+
+
+_consider_heap = njit(inline="always")(_consider_py)
 
 
 @njit(inline="always")
@@ -118,10 +198,10 @@ def _fold_row(
             m = np.float32(-np.inf)
             for jj in range(c0, c1):
                 m = max(m, sc_row[jj])
-            if not m > ts[k - 1]:
+            if not m > ts[0]:  # the root: the k-th best so far
                 continue
         for jj in range(c0, c1):
-            cnt = _consider(sc_row[jj], j0 + jj, ex_idx, e_lo, e_hi, k, ts, ti, cnt)
+            cnt = _consider_heap(sc_row[jj], j0 + jj, ex_idx, e_lo, e_hi, k, ts, ti, cnt)
     return cnt
 
 
@@ -160,8 +240,7 @@ def _scan_py(
                 acc = np.float32(0.0)
                 for t in range(d):
                     acc += q0[t] * np.float32(items[j, t])
-                sc = acc * (alpha * row_scale[j] if use_rs else alpha)
-                sc += bias[j] if use_bias else np.float32(0.0)
+                sc = acc * (alpha * row_scale[j]) + bias[j]
                 if cnt == k and not sc > lim0:
                     continue
                 cnt = _consider(sc, j, ex_idx, e_lo, e_hi, k, ts[part, 0], ti[part, 0], cnt)
@@ -170,8 +249,8 @@ def _scan_py(
             tn[part, 0] = cnt
         else:
             for j in range(lo, hi):
-                mult = alpha * row_scale[j] if use_rs else alpha
-                add = bias[j] if use_bias else np.float32(0.0)
+                mult = alpha * row_scale[j]
+                add = bias[j]
                 for b in range(nb):
                     acc = np.float32(0.0)
                     for t in range(d):
@@ -270,6 +349,17 @@ def exclusion_csr(exclude: Exclude, n_queries: int) -> tuple[np.ndarray, np.ndar
     return ptr, idx
 
 
+def _tile_f32(block: torch.Tensor) -> np.ndarray:
+    """A tile of the item table as float32 numpy, converted by numpy only: torch's parallel
+    conversion between two BLAS calls makes the two thread pools fight (10x slower)."""
+    if block.dtype == torch.float32:
+        return block.numpy()
+    if block.dtype == torch.bfloat16:  # bf16 is the top half of a float32
+        bits = block.contiguous().view(torch.int16).numpy().astype(np.uint16).astype(np.uint32)
+        return (bits << 16).view(np.float32)
+    return block.numpy().astype(np.float32)  # int8, float16
+
+
 def _f32(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().float().numpy())
 
@@ -308,19 +398,22 @@ def score_topk(
         pi = np.full((n_parts, nb, kk), -1, np.int64)
         pn = np.zeros((n_parts, nb), np.int64)
         scan = _scan_par if n_parts > 1 else _scan_ser
-        scan(q, table, rs, use_rs, bias, use_bias, alpha, ex_ptr, ex_idx, kk, ps, pi, pn)
-        _merge(ps, pi, pn, kk, out_s, out_i)
+        # absent scales/biases as stride-0 views: no branch in the scan's loop
+        rs_n = rs if use_rs else np.broadcast_to(np.float32(1.0), (n,))
+        bias_n = bias if use_bias else np.broadcast_to(np.float32(0.0), (n,))
+        scan(q, table, rs_n, use_rs, bias_n, use_bias, alpha, ex_ptr, ex_idx, kk, ps, pi, pn)
+        _merge(ps, pi, pn, kk, out_s, out_i)  # the scan's lists are sorted already
     else:
         ts = np.full((nb, kk), -np.inf, np.float32)
         ti = np.full((nb, kk), -1, np.int64)
         tn = np.zeros(nb, np.int64)
-        qt = torch.from_numpy(q)
         tile = max(256, TILE_BYTES // (4 * nb))
         for j0 in range(0, n, tile):
-            # torch's GEMM, not numpy's: OpenBLAS threads spin between calls and starve the
-            # fold (measured 40x slower interleaved); the fold itself runs on the calling thread.
-            raw = torch.mm(qt, items[j0 : j0 + tile].float().T).numpy()
-            _fold(raw, j0, rs, use_rs, bias, use_bias, alpha, ex_ptr, ex_idx, kk, ts, ti, tn)
+            blk = _tile_f32(items[j0 : j0 + tile])
+            # numpy's BLAS: 1.2-1.5x faster than torch.mm on these shapes here (measured in
+            # benchmarks/bench_score.py); the fold runs on the calling thread between GEMMs.
+            _fold(q @ blk.T, j0, rs, use_rs, bias, use_bias, alpha, ex_ptr, ex_idx, kk, ts, ti, tn)
+        _sort_lists(ts, ti, tn)
         out_s[:, :kk] = ts
         out_i[:, :kk] = ti
     return torch.from_numpy(out_s), torch.from_numpy(out_i)
