@@ -58,7 +58,7 @@ def _excluded(ex_idx: np.ndarray, lo: int, hi: int, j: int) -> bool:
 @njit(inline="always")
 def _worse(s1: float | np.floating, i1: int, s2: float | np.floating, i2: int) -> bool:
     """(s1, i1) ranks below (s2, i2): lower score, or the same score and a higher index."""
-    return s1 < s2 or (s1 == s2 and i1 > i2)
+    return bool(s1 < s2 or (s1 == s2 and i1 > i2))
 
 
 @njit(inline="always")
