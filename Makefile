@@ -31,6 +31,7 @@ test: lint
 	$(PY) -m pytest -q tests
 
 bench: setup
+	$(PY) -m pip install -q "faiss-cpu>=1.8"
 	$(PY) -m pytest benchmarks --benchmark-enable --benchmark-columns=median,iqr,ops --benchmark-max-time=0.5
 
 clean:

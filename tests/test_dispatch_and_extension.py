@@ -9,6 +9,7 @@ from lrec_fast import kernels
 
 def test_auto_and_explicit_backends(monkeypatch):
     monkeypatch.delenv("LREC_BACKEND", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter tests may set it
     assert kernels.resolve_backend(None).name == kernels.available_backends()[0]
     assert kernels.available_backends()[:2] == ["numba", "torch"]  # no triton on this machine
     assert kernels.resolve_backend("torch").name == "torch"

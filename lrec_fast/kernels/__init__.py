@@ -1,21 +1,25 @@
 """The one dispatch point for the hot paths (scoring + top-k, the fused update step).
 
 Backend contract (the same for every hot path):
-- ``backend=None`` (or ``"auto"``) takes ``$LREC_BACKEND`` if set, else the best backend this
-  machine can run, in the order triton (CUDA) > numba (CPU) > torch;
+- ``backend=None`` (or ``"auto"``) takes ``$LREC_BACKEND`` if set, else the best backend for
+  the tensors' device: triton for CUDA tensors (torch if triton is missing), numba > torch for
+  CPU tensors;
 - a backend named explicitly (argument or ``$LREC_BACKEND``) runs, or raises
   ``BackendUnavailable`` saying why: never a silent fallback;
 - ``torch`` (``reference.py``) is always there and is the truth the others are tested against.
 
-Implemented: numba (``cpu.py``) and torch. triton is a registered name that reports itself
-unavailable until its kernels land.
+Implemented: triton (``triton_score.py``, ``triton_update.py``; runs CUDA tensors, or CPU
+tensors under ``TRITON_INTERPRET=1``, which is only for tests and never chosen automatically),
+numba (``cpu.py``) and torch.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
+
+import torch
 
 from . import reference
 
@@ -29,7 +33,7 @@ class BackendUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class Backend:
     name: str
-    module: ModuleType
+    module: ModuleType | SimpleNamespace
 
 
 def _load(name: str) -> Backend:
@@ -42,14 +46,30 @@ def _load(name: str) -> Backend:
             raise BackendUnavailable(f"backend 'numba' cannot be imported: {exc}") from exc
         return Backend("numba", cpu)
     if name == "triton":
-        raise BackendUnavailable("backend 'triton' is not implemented in this release yet")
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        if not (interpret or torch.cuda.is_available()):
+            raise BackendUnavailable(
+                "backend 'triton' needs a CUDA device (TRITON_INTERPRET=1 runs it on the CPU, "
+                "for tests)"
+            )
+        try:
+            from . import triton_score, triton_update
+        except ImportError as exc:
+            raise BackendUnavailable(f"backend 'triton' cannot be imported: {exc}") from exc
+        return Backend("triton", SimpleNamespace(
+            score_topk=triton_score.score_topk,
+            mf_sgd_step=triton_update.mf_sgd_step,
+            mf_adagrad_step=triton_update.mf_adagrad_step,
+        ))  # fmt: skip
     raise BackendUnavailable(f"unknown backend {name!r}; choose from {', '.join(PRIORITY)}")
 
 
-def available_backends() -> list[str]:
-    """Names of the backends that can run on this machine, best first."""
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """Names of the backends that can run tensors on ``device`` here, best first."""
+    kind = torch.device(device).type
+    names = ("triton", "torch") if kind == "cuda" else ("numba", "torch")
     out = []
-    for name in PRIORITY:
+    for name in names:
         try:
             _load(name)
         except BackendUnavailable:
@@ -58,27 +78,28 @@ def available_backends() -> list[str]:
     return out
 
 
-def resolve_backend(name: str | None = None) -> Backend:
-    """Pick the backend per the contract above."""
+def resolve_backend(name: str | None = None, device: str | torch.device = "cpu") -> Backend:
+    """Pick the backend per the contract above (``device``: where the tensors live)."""
     want = name if name not in (None, "auto") else os.environ.get("LREC_BACKEND") or "auto"
     if want == "auto":
-        return _load(available_backends()[0])
+        return _load(available_backends(device)[0])
     return _load(want.strip().lower())
 
 
-def score_topk(*args, backend: str | None = None, **kwargs):  # type: ignore[no-untyped-def]
+def score_topk(queries, items, k, *, backend=None, **kwargs):  # type: ignore[no-untyped-def]
     """Dispatching ``score_topk``; see ``reference.score_topk`` for the exact semantics."""
-    return resolve_backend(backend).module.score_topk(*args, **kwargs)
+    impl = resolve_backend(backend, items.device).module
+    return impl.score_topk(queries, items, k, **kwargs)
 
 
 def mf_sgd_step(*args, backend: str | None = None, **kwargs):  # type: ignore[no-untyped-def]
     """Dispatching fused update step; see ``reference.mf_sgd_step`` for the exact semantics."""
-    return resolve_backend(backend).module.mf_sgd_step(*args, **kwargs)
+    return resolve_backend(backend, args[0].device).module.mf_sgd_step(*args, **kwargs)
 
 
 def mf_adagrad_step(*args, backend: str | None = None, **kwargs):  # type: ignore[no-untyped-def]
     """Dispatching row-wise Adagrad step; see ``reference.mf_adagrad_step``."""
-    return resolve_backend(backend).module.mf_adagrad_step(*args, **kwargs)
+    return resolve_backend(backend, args[0].device).module.mf_adagrad_step(*args, **kwargs)
 
 
 __all__ = [

@@ -1,0 +1,195 @@
+"""One short call on a GPU machine: check every Triton kernel against the torch reference on the
+device, then time it against torch (cuBLAS matmul + topk, dense SGD) and against the card's
+measured device-to-device copy bandwidth. Prints one report; exits 1 if a check fails.
+
+    python benchmarks/gpu_check.py            # on a CUDA machine, a few minutes at most
+    TRITON_INTERPRET=1 python benchmarks/gpu_check.py --cpu-smoke   # the script's own test
+
+Needs torch and triton only (plus onnxruntime if installed: its providers are printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
+
+from lrec_fast.kernels import _load
+from lrec_fast.kernels import reference as ref
+
+
+def timed(fn, dev: str, repeats: int = 20) -> float:  # type: ignore[no-untyped-def]
+    """Median milliseconds of fn() on the device (synchronised), after two warm-up calls."""
+    for _ in range(min(2, repeats)):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def copy_bandwidth(dev: str, n_bytes: int) -> float:
+    """Device-to-device copy, GB/s counting read + write."""
+    src = torch.empty(n_bytes // 4, device=dev)
+    dst = torch.empty_like(src)
+    ms = timed(lambda: dst.copy_(src), dev)
+    return 2 * n_bytes / (ms * 1e-3) / 1e9
+
+
+def check_score(mod, dev: str, n: int, d: int, b: int, k: int, dtype: torch.dtype) -> str:  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(n + b + k)
+    q = torch.randn(b, d, generator=g)
+    table = torch.randn(n, d, generator=g)
+    bias = torch.randn(n, generator=g)
+    rs = None
+    if dtype == torch.int8:
+        table, rs = ref.quantize_rows(table)
+    else:
+        table = table.to(dtype)
+    excl = [torch.randint(0, n, (20,), generator=g).tolist() for _ in range(b)]
+    gs, gi = mod.score_topk(q.to(dev), table.to(dev), k, item_bias=bias.to(dev), exclude=excl,
+                            row_scale=None if rs is None else rs.to(dev))  # fmt: skip
+    ws, wi = ref.score_topk(q, table, k, item_bias=bias, exclude=excl, row_scale=rs)
+    err = float((gs.cpu() - ws).abs().max())
+    same = float((gi.cpu() == wi).float().mean())
+    ok = err < 1e-3 and same > 0.99
+    return f"{'ok  ' if ok else 'FAIL'} score_topk {dtype} N={n} d={d} B={b} k={k}: " \
+           f"max |score diff| {err:.2e}, same index {same:.4f}"  # fmt: skip
+
+
+def check_update(mod, dev: str, adagrad: bool, steps: int, batch: int) -> str:  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(5)
+    n_rows, d = 5000, 64
+    base = [torch.randn(n_rows, d, generator=g) * 0.1, torch.randn(n_rows, d, generator=g) * 0.1,
+            torch.zeros(n_rows), torch.zeros(n_rows)]  # fmt: skip
+    mine = [t.to(dev, copy=True) for t in base]
+    s_w, s_g = torch.ones(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    mu_w, mu_g = torch.tensor([3.0], dtype=torch.float64), torch.tensor([3.0], dtype=torch.float64)
+    acc_w = tuple(torch.zeros(n_rows) for _ in range(4))
+    acc_g = tuple(a.to(dev, copy=True) for a in acc_w)
+    for step in range(steps):
+        u = torch.randint(0, 300, (batch,), generator=g)
+        i = torch.randint(0, n_rows, (batch,), generator=g)
+        r = torch.rand(batch, generator=g) * 4 + 1
+        lr = 0.05 * (1 + step % 3)
+        if adagrad:
+            ref.mf_adagrad_step(*base, s_w, mu_w, u, i, r, lr, 0.01, acc_w)
+            mod.mf_adagrad_step(*mine, s_g, mu_g, u.to(dev), i.to(dev), r.to(dev), lr, 0.01, acc_g)
+        else:
+            ref.mf_sgd_step(*base, s_w, mu_w, u, i, r, lr, 0.01)
+            mod.mf_sgd_step(*mine, s_g, mu_g, u.to(dev), i.to(dev), r.to(dev), lr, 0.01)
+    err = max(float((a.cpu() - b).abs().max() / b.abs().max().clamp_min(1e-12))
+              for a, b in zip(mine, base, strict=True))  # fmt: skip
+    name = "adagrad" if adagrad else "sgd"
+    status = "ok  " if err < 1e-5 else "FAIL"
+    return f"{status} update {name}, {steps} steps of {batch}: max rel diff {err:.2e}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes, CPU interpreter")
+    args = ap.parse_args()
+    dev = "cpu" if args.cpu_smoke else "cuda"
+    if dev == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: nothing to check (use --cpu-smoke with TRITON_INTERPRET=1)")
+        return 2
+    import triton
+
+    lines = [f"python {platform.python_version()}, torch {torch.__version__}, "
+             f"triton {triton.__version__}"]  # fmt: skip
+    if dev == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        lines.append(f"device: {p.name}, {p.total_memory / 2**30:.0f} GiB, "
+                     f"{p.multi_processor_count} SMs")  # fmt: skip
+    try:
+        import onnxruntime as ort
+
+        lines.append(f"onnxruntime {ort.__version__}, providers {ort.get_available_providers()}")
+    except ImportError:
+        lines.append("onnxruntime: not installed")
+    mod = _load("triton").module
+    small = args.cpu_smoke
+    fails = 0
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int8):
+        for n, b, k in ((300, 1, 10), (200, 3, 20)) if small else (
+                (1_000_003, 1, 10), (100_000, 64, 100), (50_000, 5, 1024)):  # fmt: skip
+            line = check_score(mod, dev, n, 64, b, k, dtype)
+            fails += line.startswith("FAIL")
+            lines.append(line)
+            print(line, flush=True)
+    for adagrad in (False, True):
+        line = check_update(mod, dev, adagrad, *((3, 32) if small else (50, 512)))
+        fails += line.startswith("FAIL")
+        lines.append(line)
+        print(line, flush=True)
+
+    n = 256 if small else 1_000_000
+    reps = 1 if small else 20
+    d, k = 64, 10
+    bw = copy_bandwidth(dev, 4 << 20 if small else 1 << 30)
+    lines.append(f"device-to-device copy: {bw:.0f} GB/s (read + write)")
+    table = torch.randn(n, d, device=dev)
+    bias = torch.randn(n, device=dev)
+    q8, rs8 = (t.to(dev) for t in ref.quantize_rows(table.cpu()))
+    for b in (1,) if small else (1, 64):
+        q = torch.randn(b, d, device=dev)
+        ours = timed(lambda: mod.score_topk(q, table, k, item_bias=bias), dev, reps)  # noqa: B023
+        half = timed(lambda: mod.score_topk(q, table.half(), k, item_bias=bias), dev, reps)  # noqa: B023
+        int8 = timed(lambda: mod.score_topk(q, q8, k, item_bias=bias, row_scale=rs8), dev, reps)  # noqa: B023
+        torch_ms = timed(lambda: torch.topk(torch.addmm(bias, q, table.T), k, dim=1), dev, reps)  # noqa: B023
+        gbs = table.numel() * 4 / (ours * 1e-3) / 1e9
+        lines.append(
+            f"score N={n:,} d={d} B={b} k={k}: triton {ours:.3f} ms ({gbs:.0f} GB/s read, "
+            f"{gbs / (bw / 2):.0%} of copy read rate), fp16 {half:.3f} ms, int8 {int8:.3f} ms; "
+            f"torch matmul+topk {torch_ms:.3f} ms ({torch_ms / ours:.1f}x)"
+        )
+    m = 16 if small else 1024
+    users = torch.randint(0, n, (m,), device=dev)
+    items = torch.randint(0, n, (m,), device=dev)
+    r = torch.rand(m, device=dev) * 4 + 1
+    tabs = [torch.randn(n, d, device=dev) * 0.1, torch.randn(n, d, device=dev) * 0.1,
+            torch.zeros(n, device=dev), torch.zeros(n, device=dev)]  # fmt: skip
+    scales = torch.ones(4, dtype=torch.float64)
+    mu = torch.tensor([3.5], dtype=torch.float64)
+
+    def ours_step() -> None:
+        mod.mf_sgd_step(*tabs, scales, mu, users, items, r, 1e-3, 1e-4)
+        if float(scales.min()) < 1e-3:
+            scales.fill_(1.0)
+
+    emb = [torch.nn.Embedding(n, dim).to(dev) for dim in (d, d, 1, 1)]
+    opt = torch.optim.SGD([p for e in emb for p in e.parameters()], lr=1e-3, weight_decay=1e-4)
+
+    def dense_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        pred = (
+            3.5 + emb[2](users)[:, 0] + emb[3](items)[:, 0] + (emb[0](users) * emb[1](items)).sum(1)
+        )
+        torch.mean((r - pred) ** 2).backward()
+        opt.step()
+
+    t_ours, t_dense = timed(ours_step, dev, reps), timed(dense_step, dev, reps)
+    lines.append(f"update N={n:,} batch {m}: triton {t_ours:.3f} ms, torch dense "
+                 f"SGD(weight_decay) {t_dense:.3f} ms ({t_dense / t_ours:.0f}x)")  # fmt: skip
+    print("\n" + "\n".join(lines))
+    print("ALL CHECKS PASSED" if fails == 0 else f"{fails} CHECK(S) FAILED")
+    return 0 if fails == 0 else 1
+
+
+if __name__ == "__main__":
+    if "--cpu-smoke" in sys.argv:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    sys.exit(main())
