@@ -36,3 +36,4 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info lrec_fast/*.so
+	find lrec_fast -name '*.nb[ic]' -delete  # numba's on-disk kernel cache

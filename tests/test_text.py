@@ -21,7 +21,11 @@ def test_minilm_matches_sentence_transformers():
     from sentence_transformers import SentenceTransformer
 
     texts = [t for t in TEXTS if t]
-    ours = MiniLMEncoder(batch_size=2).encode(texts)
+    encoder = MiniLMEncoder(batch_size=2)
+    from lrec_fast.text import tokenizer
+
+    assert encoder.tokenizer.backend == ("cpp" if tokenizer._ext is not None else "hf")
+    ours = encoder.encode(texts)
     st = SentenceTransformer(str(minilm_dir()), device="cpu")
     want = st.encode(texts, normalize_embeddings=True)
     assert ours.shape == (len(texts), 384) and ours.dtype == np.float32

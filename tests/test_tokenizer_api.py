@@ -115,14 +115,6 @@ def test_bad_input_is_refused_clearly(tok, call, error, match):
         call(tok)
 
 
-def test_encoder_uses_the_fast_tokenizer():
-    from lrec_fast.text import MiniLMEncoder
-
-    enc = MiniLMEncoder.__new__(MiniLMEncoder)  # the tokeniser only, no model weights
-    enc.tokenizer = WordPieceTokenizer.from_pretrained_dir(minilm_dir())
-    assert enc.tokenizer.backend == ("cpp" if HAVE_EXT else "hf")
-
-
 def test_concurrent_callers_get_their_own_answers(tok):
     """Python threads call one tokeniser at once (the C++ path runs without the GIL)."""
     from concurrent.futures import ThreadPoolExecutor

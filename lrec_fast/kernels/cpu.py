@@ -27,11 +27,12 @@ from .reference import (
     SCALE_USER_BIAS,
     Exclude,
     check_score_args,
+    steps_from,
 )
 
 # Reassociation lets the dot products vectorise; NaN and inf semantics stay IEEE.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
-FUSED_MAX_B = 8  # above this, tile + BLAS wins (measured in benchmarks/bench_score.py)
+FUSED_MAX_B = 8  # above this the GEMM tiles win: the fused scan's dot products use no BLAS
 TILE_BYTES = 1 << 22  # scores of one tile for all queries (4 MB, in L3; 16k items at B=64)
 MIN_ITEMS_PER_PART = 1 << 15  # below this a thread costs more than it scans
 
@@ -60,8 +61,8 @@ def _insert_sorted(
     ts: np.ndarray, ti: np.ndarray, cnt: int, k: int, sc: float | np.floating, j: int
 ) -> int:
     """Put (sc, j) into a list sorted by (score desc, index asc), j being larger than every
-    index in it (a scan in index order). O(k), but its small code keeps the scan's dot
-    product vectorised where a heap's does not (measured 2x on the fused scan)."""
+    index in it (a scan in index order). O(k) per insertion, but insertions are rare once a
+    list is full (about k ln(N / k) of N scores), and the lists come out sorted for the merge."""
     p = cnt if cnt < k else k - 1
     while p > 0 and ts[p - 1] < sc:
         if p < k:
@@ -93,11 +94,6 @@ def _consider(
     if e_hi > e_lo and _excluded(ex_idx, e_lo, e_hi, j):
         return cnt
     return _insert_sorted(ts, ti, cnt, k, sc, j)
-
-
-# The fold's own compiled copy: sharing one with the fused scan made the scan 1.7x slower
-# (LLVM's inlining and vectorisation of the scan loop changed; measured, not understood).
-_consider_fold = njit(cache=True)(_consider.py_func)
 
 
 def _scan_py(
@@ -182,8 +178,8 @@ def _fold(
     tn: np.ndarray,
 ) -> None:
     """Fold a tile of raw dot products [B, T] (items j0 .. j0+T-1) into the running sorted
-    top-k lists: one compare per score against the k-th best, the exact path out of line
-    (as in the fused scan; a heap or an inlined exact path measured 1.3-3x slower)."""
+    top-k lists: one compare per score against the k-th best, the exact path out of line,
+    as in the fused scan."""
     nb, width = raw.shape
     mult = np.empty(width, np.float32)
     add = np.zeros(width, np.float32)
@@ -199,7 +195,7 @@ def _fold(
             sc = raw[b, jj] * mult[jj] + add[jj]
             if cnt == k and not sc > lim:
                 continue
-            cnt = _consider_fold(sc, j0 + jj, ex_idx, e_lo, e_hi, k, ts[b], ti[b], cnt)
+            cnt = _consider(sc, j0 + jj, ex_idx, e_lo, e_hi, k, ts[b], ti[b], cnt)
             if cnt == k:
                 lim = ts[b, k - 1]
         tn[b] = cnt
@@ -259,11 +255,6 @@ def exclusion_csr(exclude: Exclude, n_queries: int) -> tuple[np.ndarray, np.ndar
     return ptr, idx
 
 
-def _tile_f32(block: torch.Tensor) -> torch.Tensor:
-    """A tile of the item table as float32 (a view when it already is)."""
-    return block if block.dtype == torch.float32 else block.float()
-
-
 def _f32(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().float().numpy())
 
@@ -302,15 +293,9 @@ def score_topk(
         pi = np.full((n_parts, nb, kk), -1, np.int64)
         pn = np.zeros((n_parts, nb), np.int64)
         scan = _scan_par if n_parts > 1 else _scan_ser
-        # Absent scales/biases become arrays, so the scan's loop has no branch. Both absent:
-        # stride-0 views (nothing to read). One absent: a real array, because mixing a
-        # stride-0 view with a contiguous one halves the scan's speed (measured 12.6 vs 6.2 ms).
-        if use_rs == use_bias:
-            rs_n = rs if use_rs else np.broadcast_to(np.float32(1.0), (n,))
-            bias_n = bias if use_bias else np.broadcast_to(np.float32(0.0), (n,))
-        else:
-            rs_n = rs if use_rs else np.ones(n, np.float32)
-            bias_n = bias if use_bias else np.zeros(n, np.float32)
+        # absent scales/biases as stride-0 views: the scan's loop has no branch
+        rs_n = rs if use_rs else np.broadcast_to(np.float32(1.0), (n,))
+        bias_n = bias if use_bias else np.broadcast_to(np.float32(0.0), (n,))
         scan(q, table, rs_n, use_rs, bias_n, use_bias, alpha, ex_ptr, ex_idx, kk, ps, pi, pn)
         _merge(ps, pi, pn, kk, out_s, out_i)  # the scan's lists are sorted already
     else:
@@ -323,7 +308,7 @@ def score_topk(
             # torch's GEMM, not numpy's: callers run torch ops around this call, and torch's
             # OpenMP pool and OpenBLAS's threads spin against each other when they alternate
             # (measured 8x slower in the Recommender facade); the fold runs on this thread.
-            raw = torch.mm(qt, _tile_f32(items[j0 : j0 + tile]).T).numpy()
+            raw = torch.mm(qt, items[j0 : j0 + tile].float().T).numpy()
             _fold(raw, j0, rs, use_rs, bias, use_bias, alpha, ex_ptr, ex_idx, kk, ts, ti, tn)
         out_s[:, :kk] = ts
         out_i[:, :kk] = ti
@@ -444,8 +429,7 @@ def _run_step(
     accumulators: tuple[torch.Tensor, ...] | None,
     eps: float,
 ) -> float:
-    if users.numel() == 0:
-        return 0.0
+    """The numba ``StepImpl`` (see reference.steps_from)."""
     for t in (*tables, scales, mu, *(accumulators or ())):
         if not t.is_contiguous() or t.device.type != "cpu":
             raise ValueError("the numba backend needs contiguous CPU tensors")
@@ -457,44 +441,7 @@ def _run_step(
     return float(loss)
 
 
-def mf_sgd_step(
-    user_rows: torch.Tensor,
-    item_rows: torch.Tensor,
-    user_bias: torch.Tensor,
-    item_bias: torch.Tensor,
-    scales: torch.Tensor,
-    mu: torch.Tensor,
-    users: torch.Tensor,
-    items: torch.Tensor,
-    ratings: torch.Tensor,
-    lr: float,
-    weight_decay: float,
-    learn_mu: bool = True,
-) -> float:
-    """``reference.mf_sgd_step`` in one compiled call."""
-    return _run_step((user_rows, item_rows, user_bias, item_bias), scales, mu, users, items,
-                     ratings, lr, weight_decay, learn_mu, None, 0.0)  # fmt: skip
-
-
-def mf_adagrad_step(
-    user_rows: torch.Tensor,
-    item_rows: torch.Tensor,
-    user_bias: torch.Tensor,
-    item_bias: torch.Tensor,
-    scales: torch.Tensor,
-    mu: torch.Tensor,
-    users: torch.Tensor,
-    items: torch.Tensor,
-    ratings: torch.Tensor,
-    lr: float,
-    weight_decay: float,
-    accumulators: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    eps: float = 1e-8,
-    learn_mu: bool = True,
-) -> float:
-    """``reference.mf_adagrad_step`` in one compiled call."""
-    return _run_step((user_rows, item_rows, user_bias, item_bias), scales, mu, users, items,
-                     ratings, lr, weight_decay, learn_mu, accumulators, eps)  # fmt: skip
+mf_sgd_step, mf_adagrad_step = steps_from(_run_step)
 
 
 __all__ = ["exclusion_csr", "mf_adagrad_step", "mf_sgd_step", "score_topk"]

@@ -6,7 +6,7 @@ Tables are stored lazily decayed (DESIGN.md, "Lazy exact decay"): the true table
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -153,17 +153,25 @@ def predict(
     ) + dot
 
 
-def _errors(
+def _prologue(
     tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     scales: torch.Tensor,
     mu: torch.Tensor,
     users: torch.Tensor,
     items: torch.Tensor,
     ratings: torch.Tensor,
-) -> tuple[torch.Tensor, float, list[float]]:
-    """Per-event g_n = 2 (r_n - y_hat_n) / N (minus dL/dy_hat_n), the batch MSE, the scales."""
+    lr: float,
+    weight_decay: float,
+) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor, list[float]]:
+    """What both optimisers need, all at the pre-step parameters: per-event g_n = 2 (r_n -
+    y_hat_n) / N (minus dL/dy_hat_n), the batch MSE, the true rows U[users] and V[items], and
+    the decayed scales."""
+    s = scales.tolist()
     err = ratings.float() - predict(*tables, scales, mu, users, items)
-    return err * (2.0 / users.numel()), float((err.double() ** 2).mean()), scales.tolist()
+    u_true = tables[0][users] * s[SCALE_USER]
+    v_true = tables[1][items] * s[SCALE_ITEM]
+    new = [x * (1.0 - lr * weight_decay) for x in s]
+    return err * (2.0 / users.numel()), float((err.double() ** 2).mean()), u_true, v_true, new
 
 
 def mf_sgd_step(
@@ -193,11 +201,16 @@ def mf_sgd_step(
     """
     if users.numel() == 0:
         return 0.0
-    g, loss, s = _errors((user_rows, item_rows, user_bias, item_bias), scales, mu, users, items,
-                         ratings)  # fmt: skip
-    u_true = user_rows[users] * s[SCALE_USER]
-    v_true = item_rows[items] * s[SCALE_ITEM]
-    new = [x * (1.0 - lr * weight_decay) for x in s]
+    g, loss, u_true, v_true, new = _prologue(
+        (user_rows, item_rows, user_bias, item_bias),
+        scales,
+        mu,
+        users,
+        items,
+        ratings,
+        lr,
+        weight_decay,
+    )
     user_rows.index_add_(0, users, g[:, None] * v_true, alpha=lr / new[SCALE_USER])
     item_rows.index_add_(0, items, g[:, None] * u_true, alpha=lr / new[SCALE_ITEM])
     user_bias.index_add_(0, users, g, alpha=lr / new[SCALE_USER_BIAS])
@@ -236,11 +249,16 @@ def mf_adagrad_step(
     """
     if users.numel() == 0:
         return 0.0
-    g, loss, s = _errors((user_rows, item_rows, user_bias, item_bias), scales, mu, users, items,
-                         ratings)  # fmt: skip
-    u_true = user_rows[users] * s[SCALE_USER]
-    v_true = item_rows[items] * s[SCALE_ITEM]
-    new = [x * (1.0 - lr * weight_decay) for x in s]
+    g, loss, u_true, v_true, new = _prologue(
+        (user_rows, item_rows, user_bias, item_bias),
+        scales,
+        mu,
+        users,
+        items,
+        ratings,
+        lr,
+        weight_decay,
+    )
     a_user, a_item, a_user_bias, a_item_bias = accumulators
     # Sum each row's gradient over its duplicate events, then one Adagrad step per unique row.
     for idx, rows, bias, contrib, a_rows, a_bias, w_rows, w_bias in (
@@ -260,3 +278,63 @@ def mf_adagrad_step(
     if learn_mu:
         mu += lr * float(g.double().sum())
     return loss
+
+
+Tables = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# A backend's one update entry: (tables, scales, mu, users, items, ratings, lr, weight_decay,
+# learn_mu, accumulators or None for SGD, eps) -> batch loss; never called with an empty batch.
+StepImpl = Callable[
+    [Tables, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, float,
+     bool, "Tables | None", float],
+    float,
+]  # fmt: skip
+
+
+def steps_from(impl: StepImpl) -> tuple[Callable[..., float], Callable[..., float]]:
+    """A fast backend's ``mf_sgd_step`` and ``mf_adagrad_step``: the signatures, semantics and
+    empty-batch rule of this module's, on top of the backend's one step function."""
+
+    def sgd(
+        user_rows: torch.Tensor,
+        item_rows: torch.Tensor,
+        user_bias: torch.Tensor,
+        item_bias: torch.Tensor,
+        scales: torch.Tensor,
+        mu: torch.Tensor,
+        users: torch.Tensor,
+        items: torch.Tensor,
+        ratings: torch.Tensor,
+        lr: float,
+        weight_decay: float,
+        learn_mu: bool = True,
+    ) -> float:
+        if users.numel() == 0:
+            return 0.0
+        tables = (user_rows, item_rows, user_bias, item_bias)
+        return impl(tables, scales, mu, users, items, ratings, lr, weight_decay, learn_mu,
+                    None, 0.0)  # fmt: skip
+
+    def adagrad(
+        user_rows: torch.Tensor,
+        item_rows: torch.Tensor,
+        user_bias: torch.Tensor,
+        item_bias: torch.Tensor,
+        scales: torch.Tensor,
+        mu: torch.Tensor,
+        users: torch.Tensor,
+        items: torch.Tensor,
+        ratings: torch.Tensor,
+        lr: float,
+        weight_decay: float,
+        accumulators: Tables,
+        eps: float = 1e-8,
+        learn_mu: bool = True,
+    ) -> float:
+        if users.numel() == 0:
+            return 0.0
+        tables = (user_rows, item_rows, user_bias, item_bias)
+        return impl(tables, scales, mu, users, items, ratings, lr, weight_decay, learn_mu,
+                    accumulators, eps)  # fmt: skip
+
+    sgd.__doc__, adagrad.__doc__ = mf_sgd_step.__doc__, mf_adagrad_step.__doc__
+    return sgd, adagrad

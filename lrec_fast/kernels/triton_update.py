@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import SCALE_ITEM, SCALE_ITEM_BIAS, SCALE_USER, SCALE_USER_BIAS
+from .reference import SCALE_ITEM, SCALE_ITEM_BIAS, SCALE_USER, SCALE_USER_BIAS, steps_from
 
 
 @triton.jit
@@ -95,9 +95,8 @@ def _step(
     accumulators: tuple[torch.Tensor, ...] | None,
     eps: float,
 ) -> float:
+    """The Triton ``StepImpl`` (see reference.steps_from)."""
     n = users.numel()
-    if n == 0:
-        return 0.0
     u, v, bu, bv = tables
     d = u.shape[1]
     dev = u.device
@@ -134,41 +133,4 @@ def _step(
     return float(sq.double().mean())
 
 
-def mf_sgd_step(
-    user_rows: torch.Tensor,
-    item_rows: torch.Tensor,
-    user_bias: torch.Tensor,
-    item_bias: torch.Tensor,
-    scales: torch.Tensor,
-    mu: torch.Tensor,
-    users: torch.Tensor,
-    items: torch.Tensor,
-    ratings: torch.Tensor,
-    lr: float,
-    weight_decay: float,
-    learn_mu: bool = True,
-) -> float:
-    """``reference.mf_sgd_step`` as two Triton kernels."""
-    return _step((user_rows, item_rows, user_bias, item_bias), scales, mu, users, items,
-                 ratings, lr, weight_decay, learn_mu, None, 0.0)  # fmt: skip
-
-
-def mf_adagrad_step(
-    user_rows: torch.Tensor,
-    item_rows: torch.Tensor,
-    user_bias: torch.Tensor,
-    item_bias: torch.Tensor,
-    scales: torch.Tensor,
-    mu: torch.Tensor,
-    users: torch.Tensor,
-    items: torch.Tensor,
-    ratings: torch.Tensor,
-    lr: float,
-    weight_decay: float,
-    accumulators: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    eps: float = 1e-8,
-    learn_mu: bool = True,
-) -> float:
-    """``reference.mf_adagrad_step`` as two Triton kernels."""
-    return _step((user_rows, item_rows, user_bias, item_bias), scales, mu, users, items,
-                 ratings, lr, weight_decay, learn_mu, accumulators, eps)  # fmt: skip
+mf_sgd_step, mf_adagrad_step = steps_from(_step)
