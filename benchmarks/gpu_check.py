@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,24 +27,25 @@ from lrec_fast.kernels import reference as ref
 
 
 def timed(fn, dev: str, repeats: int = 20) -> float:  # type: ignore[no-untyped-def]
-    """Median milliseconds of fn() on the device (synchronised), after two warm-up calls."""
+    """Median milliseconds of fn() on the device. CUDA: Triton's do_bench (CUDA events, L2
+    flushed between runs); CPU smoke: wall clock after two warm-up calls."""
+    if dev == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"))
     for _ in range(min(2, repeats)):
         fn()
     times = []
     for _ in range(repeats):
-        if dev == "cuda":
-            torch.cuda.synchronize()
         t = time.perf_counter()
         fn()
-        if dev == "cuda":
-            torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2] * 1e3
 
 
 def copy_bandwidth(dev: str, n_bytes: int) -> float:
     """Device-to-device copy, GB/s counting read + write."""
-    src = torch.empty(n_bytes // 4, device=dev)
+    src = torch.randn(n_bytes // 4, device=dev)
     dst = torch.empty_like(src)
     ms = timed(lambda: dst.copy_(src), dev)
     return 2 * n_bytes / (ms * 1e-3) / 1e9
@@ -98,9 +100,34 @@ def check_update(mod, dev: str, adagrad: bool, steps: int, batch: int) -> str:  
     return f"{status} update {name}, {steps} steps of {batch}: max rel diff {err:.2e}"
 
 
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
+
+
+def sweep_configs(b: int, k: int, small: bool) -> list:  # type: ignore[type-arg]
+    """Launch shapes to time against the default for one (B, k)."""
+    from lrec_fast.kernels.triton_score import ScoreConfig
+
+    if b <= 2:
+        out = [ScoreConfig(1, bn, 32, use_dot=False, num_warps=w)
+               for bn in (256, 512, 1024) for w in (4, 8)]  # fmt: skip
+        out.append(ScoreConfig(1, 512, 32, use_dot=False, progs_per_sm=8))
+    else:
+        shapes = ((64, 64), (64, 128), (32, 128))
+        out = [
+            ScoreConfig(bb, bn, 64, precision=p) for bb, bn in shapes for p in ("ieee", "tf32x3")
+        ]
+        out.append(ScoreConfig(16, 128, 64))
+    k_sel = 1 << max(0, (k - 1).bit_length())
+    out = [c for c in out if c.block_n >= k_sel]
+    return out[:2] if small else out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes, CPU interpreter")
+    ap.add_argument("--out", type=Path, help="also write the report to this file")
+    ap.add_argument("--no-sweep", action="store_true", help="skip timing the launch shapes")
+    ap.add_argument("--sweep-until", type=float, default=200.0, help="no new sweep after (s)")
     args = ap.parse_args()
     dev = "cpu" if args.cpu_smoke else "cuda"
     if dev == "cuda" and not torch.cuda.is_available():
@@ -108,54 +135,80 @@ def main() -> int:
         return 2
     import triton
 
-    lines = [f"python {platform.python_version()}, torch {torch.__version__}, "
-             f"triton {triton.__version__}"]  # fmt: skip
+    from lrec_fast.kernels import triton_score
+
+    lines: list[str] = []
+
+    t0 = time.perf_counter()
+
+    def say(line: str) -> None:
+        lines.append(line)
+        print(f"[{time.perf_counter() - t0:5.0f} s] {line}", flush=True)
+
+    say(f"python {platform.python_version()}, torch {torch.__version__}, "
+        f"triton {triton.__version__}")  # fmt: skip
     if dev == "cuda":
         p = torch.cuda.get_device_properties(0)
-        lines.append(f"device: {p.name}, {p.total_memory / 2**30:.0f} GiB, "
-                     f"{p.multi_processor_count} SMs")  # fmt: skip
+        say(f"device: {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs")
     try:
         import onnxruntime as ort
 
-        lines.append(f"onnxruntime {ort.__version__}, providers {ort.get_available_providers()}")
+        say(f"onnxruntime {ort.__version__}, providers {ort.get_available_providers()}")
     except ImportError:
-        lines.append("onnxruntime: not installed")
+        say("onnxruntime: not installed")
     mod = _load("triton").module
     small = args.cpu_smoke
     fails = 0
-    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int8):
-        for n, b, k in ((300, 1, 10), (200, 3, 20)) if small else (
-                (1_000_003, 1, 10), (100_000, 64, 100), (50_000, 5, 1024)):  # fmt: skip
-            line = check_score(mod, dev, n, 64, b, k, dtype)
-            fails += line.startswith("FAIL")
-            lines.append(line)
-            print(line, flush=True)
+    # Each new (dtype, launch shape) is a Triton compile of 5-50 s on the device (the top-k
+    # networks are unrolled): every dtype on the B = 1 path, the other shapes in fp32.
+    cases = [(dt, 300, 1, 10) for dt in DTYPES] + [(torch.float32, 200, 3, 20)]
+    if not small:
+        cases = [(dt, 1_000_003, 1, 10) for dt in DTYPES] + [
+            (torch.float32, 100_000, 64, 100), (torch.float32, 50_000, 5, 1024),
+            (torch.float32, 77_777, 17, 33)]  # fmt: skip
+    for dtype, n, b, k in cases:
+        line = check_score(mod, dev, n, 64, b, k, dtype)
+        fails += line.startswith("FAIL")
+        say(line)
     for adagrad in (False, True):
         line = check_update(mod, dev, adagrad, *((3, 32) if small else (50, 512)))
         fails += line.startswith("FAIL")
-        lines.append(line)
-        print(line, flush=True)
+        say(line)
 
     n = 256 if small else 1_000_000
     reps = 1 if small else 20
-    d, k = 64, 10
+    d = 64
     bw = copy_bandwidth(dev, 4 << 20 if small else 1 << 30)
-    lines.append(f"device-to-device copy: {bw:.0f} GB/s (read + write)")
+    say(f"device-to-device copy: {bw:.0f} GB/s (read + write)")
     table = torch.randn(n, d, device=dev)
+    table16 = table.half()
     bias = torch.randn(n, device=dev)
     q8, rs8 = (t.to(dev) for t in ref.quantize_rows(table.cpu()))
-    for b in (1,) if small else (1, 64):
-        q = torch.randn(b, d, device=dev)
+    read_floor_ms = table.numel() * 4 / (bw * 1e9) * 1e3
+
+    def pct(ms: float, nbytes: int) -> str:
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        return f"{gbs:.0f} GB/s, {gbs / bw:.0%} of copy"
+
+    say(f"score: N={n:,} d={d}, floor at copy bandwidth {read_floor_ms:.3f} ms")
+    cases = ((1, 10),) if small else ((1, 10), (64, 10), (1, 100), (64, 100))
+    queries = {b: torch.randn(b, d, device=dev) for b in (1, 64)}
+    for b, k in cases:  # the defaults first: the figures that matter come out even if cut short
+        q = queries[b]
         ours = timed(lambda: mod.score_topk(q, table, k, item_bias=bias), dev, reps)  # noqa: B023
-        half = timed(lambda: mod.score_topk(q, table.half(), k, item_bias=bias), dev, reps)  # noqa: B023
-        int8 = timed(lambda: mod.score_topk(q, q8, k, item_bias=bias, row_scale=rs8), dev, reps)  # noqa: B023
+        c0 = triton_score.default_config(b, n, d, k)
+        cand = partial(triton_score.scan_candidates, q, table, min(k, n), bias, 1.0, None, None, c0)
+        stage1 = timed(cand, dev, reps)
         torch_ms = timed(lambda: torch.topk(torch.addmm(bias, q, table.T), k, dim=1), dev, reps)  # noqa: B023
-        gbs = table.numel() * 4 / (ours * 1e-3) / 1e9
-        lines.append(
-            f"score N={n:,} d={d} B={b} k={k}: triton {ours:.3f} ms ({gbs:.0f} GB/s read, "
-            f"{gbs / (bw / 2):.0%} of copy read rate), fp16 {half:.3f} ms, int8 {int8:.3f} ms; "
-            f"torch matmul+topk {torch_ms:.3f} ms ({torch_ms / ours:.1f}x)"
-        )
+        line = (f"score B={b} k={k}: triton {ours:.3f} ms ({pct(ours, table.numel() * 4)}; "
+                f"scan alone {stage1:.3f} ms); torch matmul+topk {torch_ms:.3f} ms = "
+                f"{torch_ms / ours:.2f}x ours")  # fmt: skip
+        if k == 10:
+            half = timed(lambda: mod.score_topk(q, table16, k, item_bias=bias), dev, reps)  # noqa: B023
+            int8 = timed(lambda: mod.score_topk(q, q8, k, item_bias=bias, row_scale=rs8), dev, reps)  # noqa: B023
+            line += (f"; fp16 table {half:.3f} ms ({pct(half, table.numel() * 2)}), int8 "
+                     f"{int8:.3f} ms ({pct(int8, table.numel())})")  # fmt: skip
+        say(line)
     m = 16 if small else 1024
     users = torch.randint(0, n, (m,), device=dev)
     items = torch.randint(0, n, (m,), device=dev)
@@ -182,10 +235,27 @@ def main() -> int:
         opt.step()
 
     t_ours, t_dense = timed(ours_step, dev, reps), timed(dense_step, dev, reps)
-    lines.append(f"update N={n:,} batch {m}: triton {t_ours:.3f} ms, torch dense "
-                 f"SGD(weight_decay) {t_dense:.3f} ms ({t_dense / t_ours:.0f}x)")  # fmt: skip
-    print("\n" + "\n".join(lines))
-    print("ALL CHECKS PASSED" if fails == 0 else f"{fails} CHECK(S) FAILED")
+    say(f"update N={n:,} batch {m}: triton {t_ours:.3f} ms, torch dense SGD(weight_decay) "
+        f"{t_dense:.3f} ms ({t_dense / t_ours:.0f}x)")  # fmt: skip
+    for b, k in cases:  # then the alternatives, while time allows
+        if args.no_sweep or time.perf_counter() - t0 > args.sweep_until:
+            break
+        q = queries[b]
+        base_i = mod.score_topk(q, table, k, item_bias=bias)[1]
+        for cfg in sweep_configs(b, k, small):
+            try:
+                gi = mod.score_topk(q, table, k, item_bias=bias, config=cfg)[1]
+                same = float((gi == base_i).float().mean())
+                ms = timed(lambda: mod.score_topk(q, table, k, item_bias=bias, config=cfg),  # noqa: B023
+                           dev, reps)  # fmt: skip
+            except Exception as exc:  # a shape the compiler refuses: report, go on
+                say(f"  sweep B={b} k={k} {cfg}: error {type(exc).__name__}: {exc}"[:300])
+                continue
+            flag = "" if same > 0.99 else f"  MISMATCH same={same:.3f}"
+            say(f"  sweep B={b} k={k} {cfg}: {ms:.3f} ms{flag}")
+    say("ALL CHECKS PASSED" if fails == 0 else f"{fails} CHECK(S) FAILED")
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
     return 0 if fails == 0 else 1
 
 

@@ -87,6 +87,39 @@ def test_exact_ties_extremes_and_empty(tk, rng):
     assert mod.score_topk(*on(dev, torch.zeros(0, 2), v), 3)[0].shape == (0, 3)
 
 
+def _launch_shapes() -> list:
+    from lrec_fast.kernels.triton_score import ScoreConfig
+
+    return [
+        ScoreConfig(1, 64, 16, use_dot=False),
+        ScoreConfig(2, 128, 32, use_dot=False, num_warps=8, progs_per_sm=1),
+        ScoreConfig(16, 64, 64),
+        ScoreConfig(32, 64, 16, precision="tf32x3", progs_per_sm=8),
+    ]
+
+
+@pytest.mark.parametrize("cfg", _launch_shapes(), ids=repr)
+def test_every_launch_shape_is_exact(tk, rng, cfg):
+    """Every launch shape gpu_check.py may time returns the reference's answer, ties included:
+    integer-valued data (exact in fp32, tf32x3 too), N not a multiple of block_n, d of block_d."""
+    mod, dev = tk
+    b, n, d = 5, 300, 40
+    table = torch.from_numpy(rng.integers(-2, 3, (n, d)).astype(np.float32))
+    table[150:] = table[:150].clone()
+    q = torch.from_numpy(rng.integers(-2, 3, (b, d)).astype(np.float32))
+    bias = torch.from_numpy(rng.integers(-3, 4, n).astype(np.float32))
+    exclude = [rng.integers(0, n, size=30).tolist() for _ in range(b)]
+    exclude[2] = list(range(n))
+    for k in (7, 64):
+        got = mod.score_topk(*on(dev, q, table), k, item_bias=bias.to(dev), exclude=exclude,
+                             config=cfg)  # fmt: skip
+        want = ref.score_topk(q, table, k, item_bias=bias, exclude=exclude)
+        torch.testing.assert_close(got[0].cpu(), want[0])
+        torch.testing.assert_close(got[1].cpu(), want[1])
+    with pytest.raises(ValueError, match="cannot serve"):
+        mod.score_topk(*on(dev, q, table), cfg.block_n + 1, config=cfg)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
 def test_update_matches_reference(tk, rng, optimizer):
     mod, dev = tk

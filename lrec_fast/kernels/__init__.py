@@ -53,6 +53,11 @@ def _load(name: str) -> Backend:
                 "for tests)"
             )
         try:
+            import triton
+            import triton.language as tl
+
+            if not hasattr(tl, "topk"):
+                raise ImportError(f"triton {triton.__version__} has no tl.topk; upgrade triton")
             from . import triton_score, triton_update
         except ImportError as exc:
             raise BackendUnavailable(f"backend 'triton' cannot be imported: {exc}") from exc
