@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -122,11 +123,64 @@ def sweep_configs(b: int, k: int, small: bool) -> list:  # type: ignore[type-arg
     return out[:2] if small else out
 
 
+def onnx_check(path: Path, say: Callable[[str], None]) -> int:
+    """An exported fp16 encoder on ORT's CUDA provider: against the same graph on the CPU
+    provider, and timed beside torch fp16 (when the encoder package is installed). Returns the
+    number of failed checks."""
+    import numpy as np
+
+    try:
+        import onnxruntime as ort
+
+        from lrec_fast.text.onnx_encoder import ProviderUnavailable, make_session
+    except ImportError as exc:
+        say(f"onnx: skipped ({exc})")
+        return 0
+    try:
+        gpu, _ = make_session(path, ["CUDAExecutionProvider"])
+    except ProviderUnavailable as exc:
+        say(f"onnx: CUDA provider unavailable, nothing to time ({exc}; onnxruntime "
+            f"{ort.__version__}, providers {ort.get_available_providers()})")  # fmt: skip
+        return 0
+    cpu, _ = make_session(path, ["CPUExecutionProvider"])
+    fails = 0
+    rng = np.random.default_rng(0)
+    for b, s in ((1, 16), (32, 32), (256, 32)):
+        ids = rng.integers(1000, 30000, (b, s)).astype(np.int64)
+        f = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        got, want = gpu.run(None, f)[0], cpu.run(None, f)[0]
+        cos = float((got * want).sum(1).min())
+        ms = timed(lambda f=f: gpu.run(None, f), "cpu", 30)  # host-side wall clock, I/O included
+        line = f"onnx fp16 CUDA EP {b}x{s}: {ms:.3f} ms, min cosine to CPU EP {cos:.5f}"
+        try:
+            from transformers import AutoModel
+
+            from lrec_fast.text.encoder import minilm_dir
+
+            m = AutoModel.from_pretrained(str(minilm_dir()), local_files_only=True)
+            m = m.half().cuda().eval()
+            t_ids = torch.from_numpy(ids).cuda()
+
+            def torch_fp16(m=m, t_ids=t_ids) -> None:  # type: ignore[no-untyped-def]
+                with torch.inference_mode():
+                    m(input_ids=t_ids, attention_mask=torch.ones_like(t_ids))
+                torch.cuda.synchronize()
+
+            line += f"; torch fp16 {timed(torch_fp16, 'cpu', 30):.3f} ms"
+        except Exception as exc:  # the encoder package is not on every GPU machine
+            line += f"; torch fp16 not timed ({type(exc).__name__})"
+        ok = cos >= 0.999
+        fails += not ok
+        say(("ok   " if ok else "FAIL ") + line)
+    return fails
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes, CPU interpreter")
     ap.add_argument("--out", type=Path, help="also write the report to this file")
     ap.add_argument("--no-sweep", action="store_true", help="skip timing the launch shapes")
+    ap.add_argument("--onnx", type=Path, help="an fp16 encoder.onnx to check on ORT's CUDA EP")
     ap.add_argument("--sweep-until", type=float, default=200.0, help="no new sweep after (s)")
     args = ap.parse_args()
     dev = "cpu" if args.cpu_smoke else "cuda"
@@ -237,6 +291,8 @@ def main() -> int:
     t_ours, t_dense = timed(ours_step, dev, reps), timed(dense_step, dev, reps)
     say(f"update N={n:,} batch {m}: triton {t_ours:.3f} ms, torch dense SGD(weight_decay) "
         f"{t_dense:.3f} ms ({t_dense / t_ours:.0f}x)")  # fmt: skip
+    if args.onnx and not small:
+        fails += onnx_check(args.onnx, say)
     for b, k in cases:  # then the alternatives, while time allows
         if args.no_sweep or time.perf_counter() - t0 > args.sweep_until:
             break

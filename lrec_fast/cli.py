@@ -1,4 +1,4 @@
-"""``lrec-fast``: the command line (demo, info). The only module that prints."""
+"""``lrec-fast``: the command line (demo, export, info). The only module that prints."""
 
 from __future__ import annotations
 
@@ -167,6 +167,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export, load_deployment
+
+    t = time.perf_counter()
+    out = export(args.model, args.out, args.precision, encoder_from=args.encoder_from,
+                 overwrite=args.overwrite)  # fmt: skip
+    dep = load_deployment(out)
+    size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
+    print(f"exported {dep.precision} deployment to {out} ({size:.1f} MB, "
+          f"{time.perf_counter() - t:.1f} s); it loads and serves on {dep.provider}")  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lrec-fast", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lrec-fast {__version__}")
@@ -180,6 +193,17 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--encoder", default=None, help="text encoder (default all-MiniLM-L6-v2)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
+    exp = sub.add_parser("export", help="write an ONNX deployment directory for a checkpoint")
+    exp.add_argument("--model", required=True, help="checkpoint folder (Recommender.save)")
+    exp.add_argument("--out", required=True, help="deployment folder to write")
+    exp.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="int8")
+    exp.add_argument(
+        "--encoder-from",
+        default=None,
+        help="earlier deployment whose encoder.onnx to reuse (same precision)",
+    )
+    exp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    exp.set_defaults(func=cmd_export)
     info = sub.add_parser("info", help="version, backends, extension")
     info.set_defaults(func=cmd_info)
     args = parser.parse_args(argv)

@@ -1,0 +1,349 @@
+"""Export a trained model to a deployment directory and serve it with onnxruntime.
+
+``export(model, out, precision)`` writes DEPLOY_DIR, which holds everything serving needs and
+nothing else:
+
+    encoder.onnx          text encoder graph (lrec_fast.text.onnx_encoder), in ``precision``
+    tables.safetensors    item rows (fp32 | fp16 | int8 + item_row_scale fp32 [N]), item_bias,
+                          user_rows, user_bias, mu, proj (text -> [row | bias]), seen (CSR)
+    ids.json              external user and item ids, in row order
+    vocab.txt, tokenizer.json, tokenizer_config.json, special_tokens_map.json
+    manifest.json         format + version, precision, dims, rating range, sha256 of each file
+
+``load_deployment(DEPLOY_DIR)`` checks the manifest (format, version, every file's sha256)
+and serves ``recommend``, ``predict`` and ``add_items`` from the directory alone: the C++
+tokeniser, the ONNX encoder and the scoring kernels; no torch model code. Serving state
+(new items) lives in memory; the directory is never written.
+
+The learning loop: keep learning in the torch runtime (``Recommender.feedback``), and at each
+consolidation ``rec.save(ckpt)``, ``export(ckpt, new_dir, precision, encoder_from=old_dir)``
+(the encoder is copied, not re-exported, when it has not changed), then point the service at
+``new_dir`` (``load_deployment`` and swap the object: in-flight calls finish on the old one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._io import fsync_dir
+from ._version import __version__
+from .text.onnx_encoder import PRECISIONS, OrtEncoder, export_encoder
+
+log = logging.getLogger(__name__)
+
+FORMAT = "lrec_fast.deployment"
+FORMAT_VERSION = 1
+ENCODER_FILE, TABLES_FILE, IDS_FILE, MANIFEST_FILE = (
+    "encoder.onnx", "tables.safetensors", "ids.json", "manifest.json")  # fmt: skip
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json")  # fmt: skip
+
+
+class DeploymentError(ValueError):
+    """A deployment directory that cannot be served: missing, corrupted or foreign files."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _item_table(rows: np.ndarray, precision: str) -> dict[str, np.ndarray]:
+    """The item rows as stored for ``precision`` (int8: symmetric per row + fp32 scales)."""
+    if precision == "fp16":
+        return {"item_rows": rows.astype(np.float16)}
+    if precision == "int8":
+        scale = np.maximum(np.abs(rows).max(1), 1e-30) / 127.0 if len(rows) else np.zeros(0)
+        q = np.clip(np.round(rows / scale[:, None]), -127, 127) if len(rows) else rows
+        return {"item_rows": q.astype(np.int8), "item_row_scale": scale.astype(np.float32)}
+    return {"item_rows": rows.astype(np.float32)}
+
+
+def export(
+    model: Any,
+    out: str | Path,
+    precision: str = "int8",
+    *,
+    encoder_from: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a deployment directory for ``model`` (a ``Recommender`` or a checkpoint folder
+    written by ``Recommender.save``). ``precision`` applies to the encoder and the item table.
+    ``encoder_from``: an earlier deployment of the same precision whose encoder.onnx is copied
+    instead of exported again. Written atomically (temp folder, fsync, rename); refuses an
+    existing ``out`` unless ``overwrite``. Returns the directory."""
+    from .service import Recommender
+    from .text.encoder import MINILM_NAME, minilm_dir
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    rec = model if isinstance(model, Recommender) else Recommender.load(model)
+    enc_name = rec._config_dict()["encoder"]
+    if enc_name != MINILM_NAME:
+        raise ValueError(f"export serves the {MINILM_NAME} encoder; this model uses {enc_name!r}")
+    target = Path(out).resolve()
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists (overwrite=True replaces it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        if encoder_from is not None:
+            old = load_manifest(encoder_from)
+            if old["precision"] != precision:
+                raise ValueError(f"{encoder_from}: {old['precision']} encoder, not {precision}")
+            shutil.copyfile(Path(encoder_from) / ENCODER_FILE, tmp / ENCODER_FILE)
+            enc_info = old["encoder"]
+        else:
+            enc_info = export_encoder(tmp / ENCODER_FILE, precision)
+        for name in TOKENIZER_FILES:
+            if (minilm_dir() / name).exists():
+                shutil.copyfile(minilm_dir() / name, tmp / name)
+        with rec._lock:
+            tensors, ids, meta = _serving_state(rec, precision)
+        from safetensors.numpy import save_file
+
+        save_file(tensors, str(tmp / TABLES_FILE))
+        (tmp / IDS_FILE).write_text(json.dumps(ids), encoding="utf-8")
+        files = sorted(p.name for p in tmp.iterdir())
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "lrec_fast": __version__,
+            "precision": precision, "encoder": {"name": MINILM_NAME, **enc_info}, **meta,
+            "files": {name: _sha256(tmp / name) for name in files},
+        }  # fmt: skip
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        for p in tmp.iterdir():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s deployment to %s", precision, target)
+    return target
+
+
+def _serving_state(
+    rec: Any, precision: str
+) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
+    st = rec.state
+    seen = st.tensors()
+    tensors = {
+        **_item_table(st.true_item_rows().numpy(), precision),
+        "item_bias": st.true_item_bias().numpy().astype(np.float32),
+        "user_rows": st.true_user_rows().numpy().astype(np.float32),
+        "user_bias": st.true_user_bias().numpy().astype(np.float32),
+        "mu": st.mu.numpy().astype(np.float64),
+        "proj": st.proj.numpy().astype(np.float32),
+        "seen_indptr": seen["seen_indptr"].numpy(),
+        "seen_indices": seen["seen_indices"].numpy(),
+    }
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    ids = {"users": list(st.users.ids), "items": list(st.items.ids)}
+    meta = {"dim": st.dim, "text_dim": st.text_dim, "n_users": len(st.users),
+            "n_items": len(st.items), "rating_range": list(rec.rating_range),
+            "proj_fitted": bool(st.proj_fitted)}  # fmt: skip
+    return tensors, ids, meta
+
+
+def load_manifest(directory: str | Path, verify: bool = True) -> dict[str, Any]:
+    """The manifest of a deployment directory, after checking its format, version and (with
+    ``verify``) that every listed file is there with its recorded sha256."""
+    folder = Path(directory)
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise DeploymentError(f"{folder}: no {MANIFEST_FILE}; not a deployment directory") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DeploymentError(f"{folder}/{MANIFEST_FILE} is unreadable: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DeploymentError(f"{folder}: not an {FORMAT} directory")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DeploymentError(
+            f"{folder}: format version {manifest.get('format_version')}, this lrec_fast "
+            f"{__version__} serves version {FORMAT_VERSION}; re-export the model"
+        )
+    files = manifest.get("files")
+    needed = {ENCODER_FILE, TABLES_FILE, IDS_FILE}
+    if not isinstance(files, dict) or not needed <= set(files):
+        raise DeploymentError(f"{folder}: the manifest does not list {sorted(needed)}")
+    if verify:
+        for name, digest in files.items():
+            path = folder / name
+            if Path(name).name != name or not path.is_file():
+                raise DeploymentError(f"{folder}: {name} is missing")
+            if _sha256(path) != digest:
+                raise DeploymentError(f"{folder}: {name} does not match its sha256 (corrupted "
+                                      "or modified after export)")  # fmt: skip
+    return manifest
+
+
+class Deployment:
+    """A model served from a deployment directory (use ``load_deployment``).
+
+    ``provider`` is the onnxruntime provider the encoder runs on; ``precision`` what was
+    exported. Thread-safe: answers run concurrently with ``add_items`` under one lock."""
+
+    def __init__(self, directory: str | Path, providers: Sequence[str] | None = None,
+                 threads: int | None = None) -> None:  # fmt: skip
+        from safetensors.numpy import load_file
+
+        self.directory = Path(directory)
+        self.manifest = load_manifest(self.directory)
+        self.precision: str = self.manifest["precision"]
+        t = load_file(str(self.directory / TABLES_FILE))
+        ids = json.loads((self.directory / IDS_FILE).read_text(encoding="utf-8"))
+        self._users = {u: i for i, u in enumerate(ids["users"])}
+        self._items = {j: i for i, j in enumerate(ids["items"])}
+        self._item_ids = list(ids["items"])
+        self._item_array: np.ndarray | None = None
+        self.item_rows, self.item_row_scale = t["item_rows"], t.get("item_row_scale")
+        self.item_bias, self.user_rows = t["item_bias"], t["user_rows"]
+        self.user_bias = t["user_bias"]
+        self.mu = float(t["mu"][0])
+        self.proj = t["proj"]
+        ptr, idx = t["seen_indptr"], t["seen_indices"]
+        self._seen = [idx[ptr[i] : ptr[i + 1]] for i in range(len(ptr) - 1)]
+        if len(self._items) != len(self.item_rows) or len(self._users) != len(self.user_rows):
+            raise DeploymentError(f"{self.directory}: id lists and tables disagree in size")
+        enc = self.manifest["encoder"]
+        self.encoder = OrtEncoder(self.directory / ENCODER_FILE, self.directory,
+                                  name=f"{enc['name']}@onnx-{self.precision}",
+                                  dim=int(self.manifest["text_dim"]), providers=providers,
+                                  threads=threads)  # fmt: skip
+        self.provider = self.encoder.provider
+        if self.precision == "fp16" and self.provider == "CPUExecutionProvider":
+            log.warning("fp16 encoder on the CPU provider: correct but slow; export int8 for CPUs")
+        self._mean_user = (self.user_rows.mean(0) if len(self.user_rows) else
+                           np.zeros(self.user_rows.shape[1], np.float32))  # fmt: skip
+        self._mean_bias = float(self.user_bias.mean()) if len(self.user_bias) else 0.0
+        self._lock = threading.RLock()
+        log.info("deployment %s: %s, %d users, %d items, encoder on %s", self.directory,
+                 self.precision, len(self._users), len(self._items), self.provider)  # fmt: skip
+
+    @property
+    def n_items(self) -> int:
+        return len(self._item_ids)
+
+    def _queries(self, user_ids: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        idx = [self._users.get(u, -1) for u in user_ids]
+        q = np.stack([self.user_rows[i] if i >= 0 else self._mean_user for i in idx]) \
+            if idx else np.zeros((0, self.user_rows.shape[1]), np.float32)  # fmt: skip
+        b = np.array([self.user_bias[i] if i >= 0 else self._mean_bias for i in idx], np.float32)
+        return q.astype(np.float32), b, idx
+
+    def recommend(
+        self, user_ids: Sequence[Any], k: int = 10, exclude_seen: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """As ``Recommender.recommend``: (item ids [B, k], predicted ratings float32 [B, k])."""
+        import torch
+
+        from . import kernels
+        from .service import _as_ids
+
+        ids = _as_ids(user_ids, "user_ids")
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError("k must be a positive int")
+        with self._lock:
+            q, b, idx = self._queries(ids)
+            sets = [self._seen[i] if (exclude_seen and 0 <= i < len(self._seen)) else
+                    np.zeros(0, np.int64) for i in idx]  # fmt: skip
+            indptr = np.zeros(len(sets) + 1, dtype=np.int64)
+            np.cumsum([len(x) for x in sets], out=indptr[1:])
+            flat = np.concatenate(sets) if sets else np.zeros(0, np.int64)
+            excl = (torch.from_numpy(indptr), torch.from_numpy(flat.astype(np.int64)))  # CSR
+            rs = self.item_row_scale
+            scores, top = kernels.score_topk(
+                torch.from_numpy(q), torch.from_numpy(self.item_rows), int(k),
+                item_bias=torch.from_numpy(self.item_bias), exclude=excl,
+                row_scale=torch.from_numpy(rs) if rs is not None else None,
+            )  # fmt: skip
+            scores = scores.numpy() + b[:, None] + self.mu
+            if self._item_array is None or len(self._item_array) != self.n_items:
+                ints = all(isinstance(i, int) for i in self._item_ids)
+                self._item_array = np.asarray(self._item_ids, dtype=np.int64 if ints else object)
+            items = self._item_array
+            pad: Any = -1 if items.dtype != object else ""
+            out = np.full(top.shape, pad, dtype=items.dtype)
+            t = top.numpy()
+            out[t >= 0] = items[t[t >= 0]]
+            return out, scores.astype(np.float32)
+
+    def predict(self, user_ids: Sequence[Any], item_ids: Sequence[Any]) -> np.ndarray:
+        """Predicted ratings, float32 [N]; unknown items raise ValueError."""
+        from .service import _as_ids
+
+        u, i = _as_ids(user_ids, "user_ids"), _as_ids(item_ids, "item_ids")
+        if len(u) != len(i):
+            raise ValueError("user_ids and item_ids differ in length")
+        with self._lock:
+            missing = [j for j in i if j not in self._items]
+            if missing:
+                raise ValueError(f"unknown items: {missing[:5]}")
+            q, b, _ = self._queries(u)
+            rows = np.array([self._items[j] for j in i], dtype=np.int64)
+            v = self.item_rows[rows].astype(np.float32)
+            if self.item_row_scale is not None:
+                v = v * self.item_row_scale[rows, None]
+            return ((q * v).sum(1) + self.item_bias[rows] + b + self.mu).astype(np.float32)
+
+    def add_items(self, item_ids: Sequence[Any], texts: Sequence[str]) -> None:
+        """New items from their text: ONNX encoder -> projection -> [row | bias], appended to
+        the served table (in memory). All checked first; a rejected call changes nothing."""
+        from .service import _as_ids
+
+        ids = _as_ids(item_ids, "item_ids")
+        if isinstance(texts, str) or len(texts) != len(ids):
+            raise ValueError("texts must be a sequence with one str per item id")
+        if len(set(ids)) != len(ids):
+            raise ValueError("item_ids contains duplicates")
+        if not self.manifest.get("proj_fitted", False):
+            raise ValueError("this deployment's model had no fitted text projection")
+        emb = self.encoder.encode(list(texts))  # validates the texts
+        out = emb @ self.proj.T  # [n, dim + 1]
+        rows, bias = out[:, :-1], out[:, -1].astype(np.float32)
+        with self._lock:
+            known = [j for j in ids if j in self._items]
+            if known:
+                raise ValueError(f"items already in the catalogue: {known[:5]}")
+            new = _item_table(rows, self.precision)
+            self.item_rows = np.concatenate([self.item_rows, new["item_rows"]])
+            if self.item_row_scale is not None:
+                self.item_row_scale = np.concatenate([self.item_row_scale, new["item_row_scale"]])
+            self.item_bias = np.concatenate([self.item_bias, bias])
+            for j in ids:
+                self._items[j] = len(self._item_ids)
+                self._item_ids.append(j)
+
+    def __repr__(self) -> str:
+        return (f"Deployment({str(self.directory)!r}, precision={self.precision!r}, provider="
+                f"{self.provider!r}, users={len(self._users)}, items={self.n_items})")  # fmt: skip
+
+
+def load_deployment(
+    directory: str | Path, providers: Sequence[str] | None = None, threads: int | None = None
+) -> Deployment:
+    """Serve a deployment directory (see the module doc). ``providers``: None = CUDA, then
+    CPU (the one that runs is logged and in ``.provider``); a list = exactly those, or
+    ``ProviderUnavailable``. Raises ``DeploymentError`` for missing, corrupted (sha256) or
+    foreign-version files."""
+    return Deployment(directory, providers, threads)
+
+
+__all__ = ["Deployment", "DeploymentError", "export", "load_deployment", "load_manifest"]
