@@ -1,4 +1,4 @@
-"""``lrec-fast``: the command line (demo, export, info). The only module that prints."""
+"""``lrec-fast``: the command line (demo, evaluate, export, info). The only module that prints."""
 
 from __future__ import annotations
 
@@ -167,6 +167,74 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fmt(x: float, spec: str = ".4f") -> str:
+    return "-" if x != x else format(x, spec)  # NaN: the metric does not apply
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import csv
+
+    from tqdm import tqdm
+
+    from .data import load_movielens_100k
+    from .evaluate import MODELS, run_protocol
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = load_movielens_100k(args.data)
+    models = args.models.split(",") if args.models else list(MODELS)
+    print(f"lrec-fast {__version__} evaluate -> {out}: MovieLens-100k, {len(ds.events):,} events, "
+          f"micro-batches of {args.batch_size}, models: {', '.join(models)}")  # fmt: skip
+    n_stream = len(ds.events) - len(ds.events) // 2
+    with tqdm(total=n_stream * len(models), unit="ev", file=sys.stderr,
+              disable=args.quiet) as bar:  # fmt: skip
+        res = run_protocol(
+            ds.events, ds.item_ids.tolist(), ds.item_text, batch_size=args.batch_size,
+            segment=args.segment, retrain_every=args.retrain_every, seed=args.seed,
+            encoder=args.encoder, models=models, on_batch=lambda _name, n: bar.update(n),
+        )  # fmt: skip
+    k = res.config["k"]
+    hr, nd = f"hr@{k}", f"ndcg@{k}"
+    rows = [["model", "RMSE", "HR@10", "NDCG@10", "pct rank", "HR cold u", "HR warm u",
+             "HR new items", "ret. RMSE", "ret. HR@10", "update s"]]  # fmt: skip
+    for name, r in res.streams.items():
+        g, b, a = r.groups, res.retention_before[name], res.retention_after[name]
+        rows.append([
+            res.config["names"][name], _fmt(r.overall["rmse"]), _fmt(r.overall[hr]),
+            _fmt(r.overall[nd]), _fmt(r.overall["percentile"]), _fmt(g["cold users"][hr]),
+            _fmt(g["warm users"][hr]), _fmt(g["new items"][hr]),
+            f"{_fmt(b['rmse'])} -> {_fmt(a['rmse'])}", f"{_fmt(b[hr])} -> {_fmt(a[hr])}",
+            f"{r.overall['update_s']:.1f}",
+        ])  # fmt: skip
+    print()
+    print(_table(rows))
+    c = res.config
+    cold = int(next(iter(res.streams.values())).groups["cold users"]["events"])
+    print(f"\nwarm-up {c['train']:,} training + {c['retain']:,} retention events; stream "
+          f"{c['stream']:,} ({cold:,} from cold users); ret. = the retention set right after "
+          "the warm-up -> after the stream")  # fmt: skip
+    with open(out / "segments.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "segment", "start", "events", "rmse", hr, nd, "percentile"])
+        for name, r in res.streams.items():
+            for i, sgm in enumerate(r.segments):
+                w.writerow([name, i + 1, int(sgm["start"]), int(sgm["events"]), sgm["rmse"],
+                            sgm[hr], sgm[nd], sgm["percentile"]])  # fmt: skip
+    report = {
+        "config": c, "seconds": res.seconds,
+        "models": {n: {"overall": r.overall, "groups": r.groups,
+                       "retention_before": res.retention_before[n],
+                       "retention_after": res.retention_after[n]}
+                   for n, r in res.streams.items()},
+        "segments": {n: r.segments for n, r in res.streams.items()},
+    }  # fmt: skip
+    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    _plot(out / "metrics.png", {c["names"][n]: r for n, r in res.streams.items()}, k)
+    print(f"wrote {out / 'report.json'}, {out / 'segments.csv'}, {out / 'metrics.png'} "
+          f"({res.seconds['total']:.0f} s)")  # fmt: skip
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export, load_deployment
 
@@ -193,6 +261,17 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--encoder", default=None, help="text encoder (default all-MiniLM-L6-v2)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
+    ev = sub.add_parser("evaluate", help="the lifelong-learning protocol with every baseline")
+    ev.add_argument("--out", default="runs/evaluate", help="output folder")
+    ev.add_argument("--data", default=None, help="folder with ml-100k files (default: cache)")
+    ev.add_argument("--batch-size", type=int, default=100, help="events per micro-batch (M)")
+    ev.add_argument("--segment", type=int, default=2500, help="events per report segment")
+    ev.add_argument("--retrain-every", type=int, default=2500, help="retrain baseline cadence")
+    ev.add_argument("--models", default=None, help="comma-separated subset (default: all)")
+    ev.add_argument("--encoder", default=None, help="text encoder (default all-MiniLM-L6-v2)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the retention split")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=cmd_evaluate)
     exp = sub.add_parser("export", help="write an ONNX deployment directory for a checkpoint")
     exp.add_argument("--model", required=True, help="checkpoint folder (Recommender.save)")
     exp.add_argument("--out", required=True, help="deployment folder to write")

@@ -1,11 +1,21 @@
-"""Prequential (test-then-train) evaluation on a time-ordered stream.
+"""Prequential (test-then-train) evaluation on a time-ordered stream, and the lifelong-learning
+protocol built on it (``run_protocol``, ``lrec-fast evaluate``).
 
 Each micro-batch is first scored by the model as it stands, then (for a learning model) given
-to ``feedback``. Metrics per segment and overall:
-- RMSE of predictions clipped to the rating range;
-- for events rated >= ``relevant_at``: HR@k and NDCG@k of the true item ranked among ALL
-  catalogue items the user has not interacted with before this micro-batch (the true item
-  itself always competes). Rank = number of eligible items scored strictly higher.
+to it. Metrics per segment and overall:
+- RMSE of predictions clipped to the rating range (models that predict ratings);
+- for events rated >= ``relevant_at``: HR@k, NDCG@k and the percentile rank of the true item
+  among ALL catalogue items the user has not interacted with before this micro-batch (the
+  true item itself always competes). Rank = number of eligible items scored strictly higher;
+  percentile = rank / (eligible - 1), 0 is the top;
+- the same split by cold users (no event the model saw before their micro-batch) and warm
+  users, and for new items (absent from the warm-up).
+
+The protocol (``run_protocol``): events in time order; the first half is the warm-up, less a
+random ``retain_fraction`` of it kept aside as the retention set (never trained on, but
+counted as interactions); the rest is the stream, in micro-batches. Retention RMSE and HR@k are
+measured right after the warm-up and after the stream. Every model sees the same events; any
+tuning (the recent-popularity window) uses the warm-up only.
 """
 
 from __future__ import annotations
@@ -13,42 +23,59 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
 from .data.types import Interactions
-from .online import DivergenceError
 from .service import Recommender
+
+GROUPS = ("all", "cold users", "warm users", "new items")
+
+
+class StreamModel(Protocol):
+    """What the evaluation needs of a model (see ``lrec_fast.baselines``)."""
+
+    name: str
+    rates: bool  # predicts ratings (RMSE applies)
+    update_s: float  # time spent learning so far
+
+    @property
+    def item_ids(self) -> list[Any]: ...  # the catalogue, in the column order of score_all
+
+    def predict(self, users: Sequence[Any], items: Sequence[Any]) -> np.ndarray: ...
+
+    def score_all(self, users: Sequence[Any]) -> np.ndarray: ...
+
+    def learn(self, users: Sequence[Any], items: Sequence[Any], ratings: np.ndarray) -> None: ...
 
 
 @dataclass
 class Totals:
-    """Running sums for one stream segment."""
+    """Running sums for one stream segment and one group of events."""
 
     sq_err: float = 0.0
     n: int = 0
     hits: float = 0.0
     ndcg: float = 0.0
+    prank: float = 0.0
     n_rel: int = 0
-    update_s: float = 0.0
-    rejected: int = 0
-    batches: int = 0
 
     def add(self, other: Totals) -> None:
-        for f in ("sq_err", "n", "hits", "ndcg", "n_rel", "update_s", "rejected", "batches"):
+        for f in ("sq_err", "n", "hits", "ndcg", "prank", "n_rel"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
 
-    def metrics(self, k: int) -> dict[str, float]:
+    def metrics(self, k: int, rates: bool = True) -> dict[str, float]:
+        nan = float("nan")
         return {
-            "rmse": math.sqrt(self.sq_err / self.n) if self.n else float("nan"),
-            f"hr@{k}": self.hits / self.n_rel if self.n_rel else float("nan"),
-            f"ndcg@{k}": self.ndcg / self.n_rel if self.n_rel else float("nan"),
+            "rmse": math.sqrt(self.sq_err / self.n) if self.n and rates else nan,
+            f"hr@{k}": self.hits / self.n_rel if self.n_rel else nan,
+            f"ndcg@{k}": self.ndcg / self.n_rel if self.n_rel else nan,
+            "percentile": self.prank / self.n_rel if self.n_rel else nan,
             "events": self.n,
             "relevant": self.n_rel,
-            "update_ms_per_batch": 1e3 * self.update_s / max(self.batches, 1),
-            "rejected_batches": self.rejected,
         }
 
 
@@ -58,12 +85,25 @@ class StreamResult:
     k: int
     segments: list[dict[str, float]] = field(default_factory=list)
     overall: dict[str, float] = field(default_factory=dict)
+    groups: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def rank_events(
+    scores: np.ndarray, banned: np.ndarray, rows: np.ndarray, cols: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """For events (row a, true column c): rank of c among the columns of row a not banned
+    (c always competes), and the number of such eligible columns."""
+    sc = scores[rows]
+    ok = ~banned[rows]
+    ok[np.arange(len(rows)), cols] = True
+    target = sc[np.arange(len(rows)), cols][:, None]
+    return np.count_nonzero((sc > target) & ok, axis=1), np.count_nonzero(ok, axis=1)
 
 
 def prequential(
-    model: Recommender,
+    model: StreamModel | Recommender,
     stream: Interactions,
-    history: dict[object, set[object]],
+    history: dict[Any, set[Any]],
     *,
     learn: bool = True,
     batch_size: int = 100,
@@ -71,67 +111,258 @@ def prequential(
     k: int = 10,
     relevant_at: float = 4.0,
     name: str = "model",
+    known_users: set[Any] | None = None,
+    warm_items: set[Any] | None = None,
+    rating_range: tuple[float, float] = (1.0, 5.0),
     on_batch: Callable[[int], None] | None = None,
 ) -> StreamResult:
-    """Run test-then-train over ``stream`` (time order) and return per-segment metrics.
+    """Run test-then-train over ``stream`` (time order); per-segment and per-group metrics.
 
     history: user id -> item ids the user interacted with before the stream (updated in place
-    as the stream goes). All stream items must already be in the model's catalogue.
+    as the stream goes). known_users: users whose events the model has learned from (default:
+    the users in ``history``); warm_items: items of the warm-up (default: all in ``history``).
+    A ``Recommender`` is wrapped (``learn`` says whether it takes feedback).
     """
-    col = {j: c for c, j in enumerate(model.item_ids)}
-    lo, hi = model.rating_range
-    res = StreamResult(name=name, k=k)
-    total, seg, seg_start = Totals(), Totals(), 0
+    from .baselines import RecommenderModel
+
+    sm: StreamModel
+    if isinstance(model, Recommender):
+        rating_range = model.rating_range
+        sm = RecommenderModel(model, learn, name)
+    else:
+        sm = model
+    known = set(history) if known_users is None else set(known_users)
+    warm_items = set().union(*history.values()) if warm_items is None else warm_items
+    col = {j: c for c, j in enumerate(sm.item_ids)}
+    lo, hi = rating_range
+    res = StreamResult(name=sm.name, k=k)
+    total = {g: Totals() for g in GROUPS}
+    seg, seg_start, seg_batches, update0 = Totals(), 0, 0, sm.update_s
     discounts = 1.0 / np.log2(np.arange(k) + 2.0)
     for s in range(0, len(stream), batch_size):
         b = stream.take(slice(s, s + batch_size))
         users, items = b.user.tolist(), b.item.tolist()
-        pred = np.clip(model.predict(users, items), lo, hi)
-        seg.sq_err += float(np.sum((pred - b.rating) ** 2))
-        seg.n += len(users)
-        rel = np.nonzero(b.rating >= relevant_at)[0]
-        if len(rel):
-            ru = list(dict.fromkeys(users[e] for e in rel))
+        groups = {
+            "cold users": np.array([u not in known for u in users]),
+            "new items": np.array([j not in warm_items for j in items]),
+        }
+        groups["warm users"] = ~groups["cold users"]
+        parts = {g: Totals() for g in GROUPS}
+        sq = np.zeros(len(users))
+        if sm.rates:
+            sq = (np.clip(sm.predict(users, items), lo, hi) - b.rating) ** 2
+        hit = np.zeros(len(users))
+        gain = np.zeros(len(users))
+        prank = np.zeros(len(users))
+        rel = b.rating >= relevant_at
+        if rel.any():
+            ru = list(dict.fromkeys(users[e] for e in np.nonzero(rel)[0]))
             row = {u: a for a, u in enumerate(ru)}
-            scores = model.score_all(ru)
+            scores = np.asarray(sm.score_all(ru), dtype=np.float32)
             banned = np.zeros(scores.shape, dtype=bool)
             for u, a in row.items():
-                seen = [col[j] for j in history.get(u, ()) if j in col]
-                banned[a, seen] = True
-            for e in rel:
-                a, c = row[users[e]], col[items[e]]
-                sc = scores[a]
-                rank = int(np.count_nonzero((sc > sc[c]) & ~banned[a]))
-                if rank < k:
-                    seg.hits += 1.0
-                    seg.ndcg += float(discounts[rank])
-            seg.n_rel += len(rel)
+                banned[a, [col[j] for j in history.get(u, ()) if j in col]] = True
+            ev = np.nonzero(rel)[0]
+            ranks, eligible = rank_events(scores, banned, np.array([row[users[e]] for e in ev]),
+                                          np.array([col[items[e]] for e in ev]))  # fmt: skip
+            hit[ev] = ranks < k
+            gain[ev] = np.where(ranks < k, discounts[np.minimum(ranks, k - 1)], 0.0)
+            prank[ev] = ranks / np.maximum(eligible - 1, 1)
+        for g in GROUPS:
+            m = groups.get(g, np.ones(len(users), dtype=bool))
+            t = parts[g]
+            t.sq_err, t.n = float(sq[m].sum()), int(m.sum())
+            t.hits, t.ndcg = float(hit[m].sum()), float(gain[m].sum())
+            t.prank = float(prank[m].sum())
+            t.n_rel = int((rel & m).sum())
+            total[g].add(t)
+        seg.add(parts["all"])
         if learn:
-            t0 = time.perf_counter()
-            try:
-                model.feedback(users, items, b.rating)
-            except DivergenceError:
-                seg.rejected += 1  # the model refused the step and is unchanged
-            seg.update_s += time.perf_counter() - t0
+            sm.learn(users, items, b.rating)
+        known.update(users)
         for u, j in zip(users, items, strict=True):
             history.setdefault(u, set()).add(j)
-        seg.batches += 1
+        seg_batches += 1
         if on_batch is not None:
             on_batch(len(users))
         if seg.n >= segment or s + batch_size >= len(stream):
-            m = seg.metrics(k)
-            m["start"] = seg_start
-            res.segments.append(m)
-            total.add(seg)
+            seg_m = seg.metrics(k, sm.rates)
+            seg_m["start"] = seg_start
+            res.segments.append(seg_m)
             seg_start += seg.n
-            seg = Totals()
-    res.overall = total.metrics(k)
+            seg, seg_batches = Totals(), 0
+    res.groups = {g: total[g].metrics(k, sm.rates) for g in GROUPS}
+    res.overall = dict(res.groups["all"])
+    n_batches = max(1, -(-len(stream) // batch_size))
+    res.overall["update_s"] = sm.update_s - update0
+    res.overall["update_ms_per_batch"] = 1e3 * res.overall["update_s"] / n_batches
+    res.overall["rejected_batches"] = getattr(model, "rejected", 0)
     return res
 
 
-def history_of(events: Interactions) -> dict[object, set[object]]:
+def retention(
+    model: StreamModel, events: Interactions, history: dict[Any, set[Any]], *, k: int = 10,
+    relevant_at: float = 4.0, rating_range: tuple[float, float] = (1.0, 5.0),
+) -> dict[str, float]:  # fmt: skip
+    """RMSE and HR@k on held-out events (nothing learned): each relevant event's item ranked
+    among the items not in ``history`` of its user (it always competes)."""
+    res = prequential(model, events, {u: set(v) for u, v in history.items()}, learn=False,
+                      batch_size=max(len(events), 1), segment=max(len(events), 1), k=k,
+                      relevant_at=relevant_at, rating_range=rating_range)  # fmt: skip
+    return {key: res.overall[key] for key in ("rmse", f"hr@{k}", f"ndcg@{k}", "events")}
+
+
+def history_of(events: Interactions) -> dict[Any, set[Any]]:
     """user id -> set of item ids, from an event log."""
-    h: dict[object, set[object]] = defaultdict(set)
+    h: dict[Any, set[Any]] = defaultdict(set)
     for u, j in zip(events.user.tolist(), events.item.tolist(), strict=True):
         h[u].add(j)
     return dict(h)
+
+
+@dataclass
+class Split:
+    """The protocol's split of a time-ordered event log."""
+
+    train: Interactions  # warm-up events the models learn from
+    retain: Interactions  # warm-up events kept aside (never trained on)
+    stream: Interactions  # the second half, in time order
+
+    @property
+    def warm(self) -> Interactions:
+        return _concat([self.train, self.retain])
+
+
+def split_events(events: Interactions, warm_fraction: float = 0.5, retain_fraction: float = 0.1,
+                 seed: int = 0) -> Split:  # fmt: skip
+    """First ``warm_fraction`` of the events = warm-up, a random ``retain_fraction`` of it kept
+    aside (time order kept within each part); the rest is the stream."""
+    n_warm = int(len(events) * warm_fraction)
+    rng = np.random.default_rng(seed)
+    keep = np.zeros(n_warm, dtype=bool)
+    keep[rng.choice(n_warm, size=int(n_warm * retain_fraction), replace=False)] = True
+    warm = events.take(slice(0, n_warm))
+    return Split(warm.take(~keep), warm.take(keep), events.take(slice(n_warm, None)))
+
+
+def _concat(parts: list[Interactions]) -> Interactions:
+    return Interactions(*(np.concatenate([getattr(p, f) for p in parts])
+                          for f in ("user", "item", "rating", "timestamp")))  # fmt: skip
+
+
+WINDOWS = (50, 100, 250, 500, 1_000, 2_000, 5_000, 10_000, 20_000)
+
+
+def tune_window(train: Interactions, item_ids: Sequence[Any], batch_size: int, k: int = 10,
+                grid: Sequence[int] = WINDOWS) -> int:  # fmt: skip
+    """The recent-popularity window with the best HR@k, prequentially on the last 20% of the
+    warm-up's training events after the first 80% (the warm-up only, never the stream)."""
+    from .baselines import Popularity
+
+    cut = int(len(train) * 0.8)
+    head, tail = train.take(slice(0, cut)), train.take(slice(cut, None))
+    scored = []
+    for w in grid:
+        pop = Popularity(item_ids, window=w)
+        pop.fit(head)
+        r = prequential(pop, tail, history_of(head), batch_size=batch_size, segment=len(tail), k=k)
+        scored.append((r.overall[f"hr@{k}"], -w))  # ties: the smaller window
+    return -max(scored)[1]
+
+
+@dataclass
+class ProtocolResult:
+    """Everything one protocol run measured (see ``run_protocol``)."""
+
+    config: dict[str, Any]
+    streams: dict[str, StreamResult]
+    retention_before: dict[str, dict[str, float]]
+    retention_after: dict[str, dict[str, float]]
+    seconds: dict[str, float]
+
+
+def run_protocol(
+    events: Interactions,
+    item_ids: Sequence[Any],
+    texts: Sequence[str],
+    *,
+    batch_size: int = 100,
+    segment: int = 2_500,
+    retrain_every: int = 2_500,
+    retain_fraction: float = 0.1,
+    k: int = 10,
+    seed: int = 0,
+    encoder: Any = None,
+    models: Sequence[str] | None = None,
+    on_batch: Callable[[str, int], None] | None = None,
+) -> ProtocolResult:
+    """The lifelong-learning protocol (module doc) over time-ordered ``events`` with every
+    baseline in one run. ``models``: a subset of ``MODELS`` (default all). ``encoder``: the
+    text encoder every Recommender shares (default all-MiniLM-L6-v2, cached on disk)."""
+    from .baselines import Popularity, RecommenderModel, Retrain
+
+    wanted = list(MODELS if models is None else models)
+    unknown = sorted(set(wanted) - set(MODELS))
+    if unknown:
+        raise ValueError(f"unknown models {unknown}; choose from {list(MODELS)}")
+    sp = split_events(events, retain_fraction=retain_fraction, seed=seed)
+    t_all = time.perf_counter()
+    shared = None
+
+    def make(**kw: Any) -> Recommender:
+        nonlocal shared
+        rec = Recommender(encoder=shared if shared is not None else encoder, **kw)
+        rec.add_items(list(item_ids), list(texts))
+        shared = rec.encoder  # one encoder (and its cache) for every model
+        return rec
+
+    def fitted(**kw: Any) -> Recommender:
+        rec = make(**kw)
+        rec.fit(sp.train.user, sp.train.item, sp.train.rating)
+        return rec
+
+    seconds: dict[str, float] = {}
+    built: dict[str, Any] = {}
+    for name in wanted:
+        t = time.perf_counter()
+        if name == "popularity":
+            built[name] = Popularity(item_ids, name=name)
+            built[name].fit(sp.train)
+        elif name == "recent popularity":
+            w = tune_window(sp.train, item_ids, batch_size, k)
+            built[name] = Popularity(item_ids, window=w, name=f"{name} ({w:,})")
+            built[name].fit(sp.train)
+        elif name == "static":
+            built[name] = RecommenderModel(fitted(), learn=False, name=name)
+        elif name == "naive fine-tune":
+            built[name] = RecommenderModel(fitted(weight_decay=0.0), learn=True, name=name)
+        elif name == "retrain":
+            label = f"retrain every {retrain_every:,}"
+            built[name] = Retrain(make, sp.train, retrain_every, name=label)
+        else:  # "lrec_fast": the Recommender's defaults, learning from every micro-batch
+            built[name] = RecommenderModel(fitted(), learn=True, name=name)
+        seconds[f"setup {name}"] = time.perf_counter() - t
+    hist_train = history_of(sp.train)
+    before = {n: retention(m, sp.retain, hist_train, k=k) for n, m in built.items()}
+    warm_hist = history_of(sp.warm)
+    warm_items = set(sp.warm.item.tolist())
+    streams = {}
+    for name, m in built.items():
+        t = time.perf_counter()
+        cb = (lambda n, name=name: on_batch(name, n)) if on_batch else None
+        streams[name] = prequential(
+            m, sp.stream, {u: set(v) for u, v in warm_hist.items()}, batch_size=batch_size,
+            segment=segment, k=k, known_users=set(hist_train), warm_items=warm_items,
+            on_batch=cb,
+        )  # fmt: skip
+        seconds[f"stream {name}"] = time.perf_counter() - t
+    after = {n: retention(m, sp.retain, hist_train, k=k) for n, m in built.items()}
+    seconds["total"] = time.perf_counter() - t_all
+    config = {"events": len(events), "train": len(sp.train), "retain": len(sp.retain),
+              "stream": len(sp.stream), "batch_size": batch_size, "segment": segment,
+              "retrain_every": retrain_every, "k": k, "seed": seed,
+              "names": {n: m.name for n, m in built.items()}}  # fmt: skip
+    return ProtocolResult(config, streams, before, after, seconds)
+
+
+MODELS = ("popularity", "recent popularity", "static", "naive fine-tune", "retrain", "lrec_fast")

@@ -100,3 +100,123 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert (tmp_path / "metrics.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "overall" in out and "demo-user" in out
+
+
+def test_split_keeps_retention_out_of_training(stream):
+    from lrec_fast.evaluate import split_events
+
+    ev = stream.events
+    sp = split_events(ev, retain_fraction=0.1, seed=3)
+    assert len(sp.train) + len(sp.retain) == len(ev) // 2 and len(sp.retain) == len(ev) // 20
+    assert len(sp.stream) == len(ev) - len(ev) // 2
+    assert np.all(np.diff(sp.train.timestamp) >= 0) and np.all(np.diff(sp.retain.timestamp) >= 0)
+    key = lambda e: set(zip(e.user.tolist(), e.item.tolist(), e.timestamp.tolist(), strict=True))  # noqa: E731
+    assert not key(sp.train) & key(sp.retain)
+    again = split_events(ev, retain_fraction=0.1, seed=3)
+    assert np.array_equal(again.retain.timestamp, sp.retain.timestamp)
+
+
+def test_popularity_baselines_against_counting(stream):
+    from lrec_fast.baselines import Popularity
+
+    ev = stream.events.take(slice(0, 700))
+    items = stream.item_ids.tolist()
+    for window in (None, 50):
+        pop = Popularity(items, window=window)
+        pop.fit(ev.take(slice(0, 400)))
+        for s in range(400, 700, 37):  # ragged micro-batches
+            b = ev.take(slice(s, min(s + 37, 700)))
+            pop.learn(b.user.tolist(), b.item.tolist(), b.rating)
+        last = ev.item.tolist()[-window:] if window else ev.item.tolist()
+        want = np.array([last.count(j) for j in items], dtype=np.float32)
+        np.testing.assert_array_equal(pop.score_all([1, 2])[1], want)
+        assert np.isnan(pop.predict([1], [items[0]])).all()
+
+
+def test_groups_and_percentile_against_brute_force(fitted, stream):
+    """Cold/warm users, new items and percentile rank, event by event (batch_size 1)."""
+    from lrec_fast.evaluate import prequential
+
+    warm = stream.events.take(slice(0, 1500))
+    ev = stream.events.take(slice(1500, 1800))
+    known, warm_items = set(warm.user.tolist()[:60]), set(warm.item.tolist()[:700])
+    res = prequential(fitted, ev, history_of(warm), learn=False, batch_size=1, segment=100,
+                      known_users=known, warm_items=warm_items)  # fmt: skip
+    hist, seen = history_of(warm), set(known)
+    cold = new = 0
+    pr, n_rel = [], 0
+    items = fitted.item_ids
+    for e in range(len(ev)):
+        u, j, r = int(ev.user[e]), int(ev.item[e]), float(ev.rating[e])
+        cold += u not in seen
+        new += j not in warm_items
+        if r >= 4:
+            n_rel += 1
+            s = dict(zip(items, fitted.score_all([u])[0], strict=True))
+            eligible = [i for i in items if i == j or i not in hist.get(u, set())]
+            rank = sum(1 for i in eligible if s[i] > s[j])
+            pr.append(rank / (len(eligible) - 1))
+        seen.add(u)
+        hist.setdefault(u, set()).add(j)
+    assert res.groups["cold users"]["events"] == cold > 0
+    assert res.groups["warm users"]["events"] == len(ev) - cold
+    assert res.groups["new items"]["events"] == new
+    assert res.overall["relevant"] == n_rel
+    assert res.overall["percentile"] == pytest.approx(np.mean(pr), rel=1e-6)
+
+
+def test_protocol_uses_the_warm_up_only_for_tuning_and_never_trains_on_retention(
+    stream, monkeypatch
+):
+    from lrec_fast import evaluate as E
+    from lrec_fast.evaluate import MODELS, run_protocol, split_events
+
+    sp = split_events(stream.events, seed=0)
+    banned = set(zip(sp.retain.user.tolist(), sp.retain.item.tolist(), strict=True))
+    trained: list[tuple[int, int]] = []
+    fit, feedback = Recommender.fit, Recommender.feedback
+
+    def spy_fit(self, users, items, ratings):
+        trained.extend(zip(np.asarray(users).tolist(), np.asarray(items).tolist(), strict=True))
+        return fit(self, users, items, ratings)
+
+    def spy_feedback(self, users, items, ratings, **kw):
+        trained.extend(zip(list(users), list(items), strict=True))
+        return feedback(self, users, items, ratings, **kw)
+
+    tuned_on = []
+    tune = E.tune_window
+    monkeypatch.setattr(
+        E, "tune_window", lambda ev, *a, **k: tuned_on.append(len(ev)) or tune(ev, *a, **k)
+    )
+    monkeypatch.setattr(Recommender, "fit", spy_fit)
+    monkeypatch.setattr(Recommender, "feedback", spy_feedback)
+    res = run_protocol(stream.events, stream.item_ids.tolist(), stream.item_text, batch_size=50,
+                       segment=500, retrain_every=500, encoder="hashing-64", seed=0)  # fmt: skip
+    assert set(res.streams) == set(MODELS)
+    assert tuned_on == [len(sp.train)]
+    # a (user, item) pair of the retention set is only ever trained on if it recurs in the
+    # stream or the training part; the retention events themselves never are
+    allowed = {(u, j) for part in (sp.train, sp.stream)
+               for u, j in zip(part.user.tolist(), part.item.tolist(), strict=True)}  # fmt: skip
+    assert not (set(trained) & banned) - allowed
+    for name in MODELS:
+        assert res.retention_before[name]["events"] == len(sp.retain)
+    assert np.isnan(res.streams["popularity"].overall["rmse"])
+    assert res.streams["retrain"].overall["update_s"] > 0
+
+
+@pytest.mark.slow
+def test_cli_evaluate(tmp_path, capsys):
+    args = ["evaluate", "--out", str(tmp_path), "--encoder", "hashing-384", "--quiet",
+            "--batch-size", "1000", "--models", "popularity,recent popularity,static"]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["models"]) == {"popularity", "recent popularity", "static"}
+    st = report["models"]["static"]
+    assert st["retention_before"] == st["retention_after"]  # static: nothing changes
+    n_seg = len(report["segments"]["static"])
+    assert n_seg == 17  # 50,000 events in batches of 1,000: segments close at >= 2,500
+    assert (tmp_path / "segments.csv").read_text().count("\n") == 1 + 3 * n_seg
+    assert (tmp_path / "metrics.png").stat().st_size > 10_000
+    assert "recent popularity (" in capsys.readouterr().out
