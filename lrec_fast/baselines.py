@@ -81,7 +81,7 @@ class RecommenderModel:
         return self.rec.predict(users, items)
 
     def score_all(self, users: Sequence[Any]) -> np.ndarray:
-        return self.rec.score_all(users)
+        return self.rec.rank_all(users)
 
     def learn(self, users: Sequence[Any], items: Sequence[Any], ratings: np.ndarray) -> None:
         if not self.learning:
@@ -125,7 +125,7 @@ class Retrain:
         return self.rec.predict(users, items)
 
     def score_all(self, users: Sequence[Any]) -> np.ndarray:
-        return self.rec.score_all(users)
+        return self.rec.rank_all(users)
 
     def learn(self, users: Sequence[Any], items: Sequence[Any], ratings: np.ndarray) -> None:
         n = len(users)

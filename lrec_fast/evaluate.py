@@ -6,7 +6,8 @@ to it. Metrics per segment and overall:
 - RMSE of predictions clipped to the rating range (models that predict ratings);
 - for events rated >= ``relevant_at``: HR@k, NDCG@k and the percentile rank of the true item
   among ALL catalogue items the user has not interacted with before this micro-batch (the
-  true item itself always competes). Rank = number of eligible items scored strictly higher;
+  true item itself always competes). Rank = number of eligible items ahead of it: scored
+  higher, or scored the same and earlier in the catalogue (``recommend``'s tie rule);
   percentile = rank / (eligible - 1), 0 is the top;
 - the same split by cold users (no event the model saw before their micro-batch) and warm
   users, and for new items (absent from the warm-up).
@@ -91,13 +92,17 @@ class StreamResult:
 def rank_events(
     scores: np.ndarray, banned: np.ndarray, rows: np.ndarray, cols: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """For events (row a, true column c): rank of c among the columns of row a not banned
-    (c always competes), and the number of such eligible columns."""
+    """For events (row a, true column c): the position of c in row a's ranking of the columns
+    not banned (c always competes), and the number of such eligible columns. Ties go to the
+    earlier column, as in ``recommend``: a model that scores many items alike (a popularity
+    count) gets no credit for the tie."""
     sc = scores[rows]
     ok = ~banned[rows]
-    ok[np.arange(len(rows)), cols] = True
-    target = sc[np.arange(len(rows)), cols][:, None]
-    return np.count_nonzero((sc > target) & ok, axis=1), np.count_nonzero(ok, axis=1)
+    ev = np.arange(len(rows))
+    ok[ev, cols] = True
+    target = sc[ev, cols][:, None]
+    ahead = (sc > target) | ((sc == target) & (np.arange(sc.shape[1])[None, :] < cols[:, None]))
+    return np.count_nonzero(ahead & ok, axis=1), np.count_nonzero(ok, axis=1)
 
 
 def prequential(
@@ -298,7 +303,11 @@ def run_protocol(
 ) -> ProtocolResult:
     """The lifelong-learning protocol (module doc) over time-ordered ``events`` with every
     baseline in one run. ``models``: a subset of ``MODELS`` (default all). ``encoder``: the
-    text encoder every Recommender shares (default all-MiniLM-L6-v2, cached on disk)."""
+    text encoder every Recommender shares (default all-MiniLM-L6-v2, cached on disk).
+
+    The rating-MF baselines are what a user would run without lrec_fast's learner: static,
+    naive fine-tuning (plain SGD per micro-batch, no weight decay) and retraining from scratch,
+    none with the recency prior; "lrec_fast" is ``Recommender()`` with its defaults."""
     from .baselines import Popularity, RecommenderModel, Retrain
 
     wanted = list(MODELS if models is None else models)
@@ -333,12 +342,14 @@ def run_protocol(
             built[name] = Popularity(item_ids, window=w, name=f"{name} ({w:,})")
             built[name].fit(sp.train)
         elif name == "static":
-            built[name] = RecommenderModel(fitted(), learn=False, name=name)
+            built[name] = RecommenderModel(fitted(prior_weight=0.0), learn=False, name=name)
         elif name == "naive fine-tune":
-            built[name] = RecommenderModel(fitted(weight_decay=0.0), learn=True, name=name)
+            plain = fitted(weight_decay=0.0, prior_weight=0.0)
+            built[name] = RecommenderModel(plain, learn=True, name=name)
         elif name == "retrain":
             label = f"retrain every {retrain_every:,}"
-            built[name] = Retrain(make, sp.train, retrain_every, name=label)
+            built[name] = Retrain(lambda: make(prior_weight=0.0), sp.train, retrain_every,
+                                  name=label)  # fmt: skip
         else:  # "lrec_fast": the Recommender's defaults, learning from every micro-batch
             built[name] = RecommenderModel(fitted(), learn=True, name=name)
         seconds[f"setup {name}"] = time.perf_counter() - t

@@ -5,6 +5,7 @@ nothing else:
 
     encoder.onnx          text encoder graph (lrec_fast.text.onnx_encoder), in ``precision``
     tables.safetensors    item rows (fp32 | fp16 | int8 + item_row_scale fp32 [N]), item_bias,
+                          item_rank_bias (item bias + the recency prior at export time),
                           user_rows, user_bias, mu, proj (text -> [row | bias]), seen (CSR)
     ids.json              external user and item ids, in row order
     vocab.txt, tokenizer.json, tokenizer_config.json, special_tokens_map.json
@@ -142,11 +143,14 @@ def export(
 def _serving_state(
     rec: Any, precision: str
 ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
+    from . import online
+
     st = rec.state
     seen = st.tensors()
     tensors = {
         **_item_table(st.true_item_rows().numpy(), precision),
         "item_bias": st.true_item_bias().numpy().astype(np.float32),
+        "item_rank_bias": online.rank_bias(st, rec.config).numpy().astype(np.float32),
         "user_rows": st.true_user_rows().numpy().astype(np.float32),
         "user_bias": st.true_user_bias().numpy().astype(np.float32),
         "mu": st.mu.numpy().astype(np.float64),
@@ -215,6 +219,7 @@ class Deployment:
         self._item_array: np.ndarray | None = None
         self.item_rows, self.item_row_scale = t["item_rows"], t.get("item_row_scale")
         self.item_bias, self.user_rows = t["item_bias"], t["user_rows"]
+        self.item_rank_bias = t["item_rank_bias"]  # item bias + recency prior, for ranking
         self.user_bias = t["user_bias"]
         self.mu = float(t["mu"][0])
         self.proj = t["proj"]
@@ -271,7 +276,7 @@ class Deployment:
             rs = self.item_row_scale
             scores, top = kernels.score_topk(
                 torch.from_numpy(q), torch.from_numpy(self.item_rows), int(k),
-                item_bias=torch.from_numpy(self.item_bias), exclude=excl,
+                item_bias=torch.from_numpy(self.item_rank_bias), exclude=excl,
                 row_scale=torch.from_numpy(rs) if rs is not None else None,
             )  # fmt: skip
             scores = scores.numpy() + b[:, None] + self.mu
@@ -327,6 +332,7 @@ class Deployment:
             if self.item_row_scale is not None:
                 self.item_row_scale = np.concatenate([self.item_row_scale, new["item_row_scale"]])
             self.item_bias = np.concatenate([self.item_bias, bias])
+            self.item_rank_bias = np.concatenate([self.item_rank_bias, bias])  # no events yet
             for j in ids:
                 self._items[j] = len(self._item_ids)
                 self._item_ids.append(j)

@@ -105,6 +105,10 @@ class ModelState:
     # Per-item number of events learned from, each counted once (the projection is fitted on
     # items with enough of them).
     item_count: Rows = field(init=False)
+    # Recency prior: per-item event counts decayed by 2^(-age / halflife) (age in events),
+    # stored lazily as recent_scale * item_recent (float64), like the decayed tables.
+    item_recent: Rows = field(init=False)
+    recent_scale: torch.Tensor = field(default_factory=lambda: torch.ones(1, dtype=torch.float64))
     scales: torch.Tensor = field(default_factory=lambda: torch.ones(4, dtype=torch.float64))
     mu: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.float64))
     # Text projection: [V row | b_v] ~= proj @ e_j, float32 [dim + 1, text_dim].
@@ -119,6 +123,7 @@ class ModelState:
         self.item_bias = Rows(None)
         self.item_text = Rows(self.text_dim)
         self.item_count = Rows(None, torch.int64)
+        self.item_recent = Rows(None, torch.float64)
         self.proj = torch.zeros(self.dim + 1, self.text_dim)
 
     # -- views of the true (decayed) values -------------------------------------------------
@@ -133,6 +138,10 @@ class ModelState:
 
     def true_item_bias(self) -> torch.Tensor:
         return self.item_bias.t * float(self.scales[SCALE_ITEM_BIAS])
+
+    def recent_counts(self) -> torch.Tensor:
+        """Decayed event counts per item, float64 [n_items]."""
+        return self.item_recent.t * float(self.recent_scale)
 
     def fold_scales(self, threshold: float) -> None:
         """Fold a scale back into its raw table once it falls below ``threshold`` (rare, O(Nd)),
@@ -168,6 +177,7 @@ class ModelState:
         self.item_bias.append(bias / float(self.scales[SCALE_ITEM_BIAS]))
         self.item_text.append(text_emb)
         self.item_count.append(torch.zeros(len(ids), dtype=torch.int64))
+        self.item_recent.append(torch.zeros(len(ids), dtype=torch.float64))
 
     # -- snapshots (rollback) --------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -179,6 +189,7 @@ class ModelState:
             "user_rows": self.user_rows.t, "item_rows": self.item_rows.t,
             "user_bias": self.user_bias.t, "item_bias": self.item_bias.t,
             "item_text": self.item_text.t, "item_count": self.item_count.t,
+            "item_recent": self.item_recent.t, "recent_scale": self.recent_scale,
             "scales": self.scales, "mu": self.mu, "proj": self.proj,
             "seen_indptr": torch.from_numpy(indptr),
             "seen_indices": torch.tensor(flat, dtype=torch.int64),
@@ -188,6 +199,11 @@ class ModelState:
         for name in ("user_rows", "item_rows", "user_bias", "item_bias", "item_text",
                      "item_count"):  # fmt: skip
             getattr(self, name).set(t[name].clone())
+        # checkpoints from before the recency prior: no counts yet
+        self.item_recent.set(t["item_recent"].clone() if "item_recent" in t
+                             else torch.zeros(self.item_count.n, dtype=torch.float64))  # fmt: skip
+        self.recent_scale = (t["recent_scale"].clone() if "recent_scale" in t
+                             else torch.ones(1, dtype=torch.float64))  # fmt: skip
         self.scales = t["scales"].clone().to(torch.float64)
         self.mu = t["mu"].clone().to(torch.float64)
         self.proj = t["proj"].clone()
@@ -217,6 +233,7 @@ class ModelState:
         self.users._array = self.items._array = None
         self.user_rows.n = self.user_bias.n = nu
         self.item_rows.n = self.item_bias.n = self.item_text.n = self.item_count.n = ni
+        self.item_recent.n = ni
 
     def restore(self, snap: dict[str, Any]) -> None:
         self.users, self.items = IdMap(snap["users"]), IdMap(snap["items"])

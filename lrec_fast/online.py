@@ -25,10 +25,14 @@ log = logging.getLogger(__name__)
 class LearnerConfig:
     """Hyper-parameters of the learner (units: lr per step of the mean batch loss)."""
 
-    lr: float = 1.0
-    weight_decay: float = 1e-3
-    fit_lr: float | None = None  # warm-up lr; None = lr
-    fit_weight_decay: float | None = None  # warm-up weight decay; None = weight_decay
+    # Stream (feedback) step. Picked on the MovieLens warm-up (fit on its first 80%, then
+    # prequential over the last 20%): lr 0.5 gave RMSE 1.003 there against 1.015 for 1.0 and
+    # 1.005 for 0.25; weight decay 0 to 1e-3 moved it by < 0.001, so the smaller decay, which
+    # shrinks untouched rows less over a long stream (less forgetting).
+    lr: float = 0.5
+    weight_decay: float = 1e-4
+    fit_lr: float | None = 1.0  # warm-up lr; None = lr
+    fit_weight_decay: float | None = 1e-3  # warm-up weight decay; None = weight_decay
     batch_size: int = 100  # warm-up mini-batch size
     # Linear scaling: a batch of N events steps with lr_t = lr * min(1, N / lr_batch), so one
     # event never moves the model more than it would inside a batch of lr_batch events.
@@ -47,6 +51,11 @@ class LearnerConfig:
     # mu's gradient sums over the whole batch (step 2 * lr * mean error), so SGD on it
     # oscillates at the lr the tables want; by default mu stays the warm-up mean.
     learn_mu: bool = False
+    # Ranking (recommend) adds prior_weight * log(1 + recent count) to each item's score: the
+    # count of its events decayed with a half-life of prior_halflife events. Picked on the
+    # MovieLens warm-up (prequential on its last 20%): HR@10 0.050 -> 0.079 there.
+    prior_weight: float = 2.0
+    prior_halflife: float = 3_000.0
     seed: int = 0
 
     def as_dict(self) -> dict[str, float | int | None]:
@@ -116,9 +125,29 @@ def step(
     return loss
 
 
-def count_events(state: ModelState, items: torch.Tensor) -> None:
-    """Add learned-from events to the per-item rating counts."""
+def count_events(state: ModelState, items: torch.Tensor, cfg: LearnerConfig) -> None:
+    """Add learned-from events (time order) to the per-item counts: the plain ones and the
+    recency prior's, where event t of n weighs 2^(-(n - 1 - t) / halflife) after older
+    counts have decayed by 2^(-n / halflife); O(n) through the lazy scale."""
     state.item_count.t.index_add_(0, items, torch.ones_like(items))
+    n = items.numel()
+    if n == 0:
+        return
+    h = cfg.prior_halflife
+    scale = float(state.recent_scale) * 2.0 ** (-n / h)
+    if scale < 1e-200:  # fold the scale back (rare, O(n_items))
+        state.item_recent.t.mul_(scale)
+        scale = 1.0
+    age = torch.arange(n - 1, -1, -1, dtype=torch.float64)
+    state.item_recent.t.index_add_(0, items, torch.exp2(-age / h) / scale)
+    state.recent_scale.fill_(scale)
+
+
+def rank_bias(state: ModelState, cfg: LearnerConfig) -> torch.Tensor:
+    """The per-item term ``recommend`` ranks with, float32 [n_items]: the true item bias plus
+    prior_weight * log(1 + recent count)."""
+    prior = torch.log1p(state.recent_counts()).float() * cfg.prior_weight
+    return state.true_item_bias() + prior
 
 
 def effective_lr(lr: float, n_events: int, cfg: LearnerConfig) -> float:
@@ -194,7 +223,7 @@ def fit(
                 break
     state.restore(best)
     report.best_epoch = best_epoch
-    count_events(state, items)  # each event once, however many epochs saw it
+    count_events(state, items, cfg)  # each event once, however many epochs saw it
     for s in range(n_tr, n, cfg.batch_size):
         sl = slice(s, min(s + cfg.batch_size, n))
         try:

@@ -245,7 +245,7 @@ class Recommender:
             except BaseException:
                 self.state.truncate(mark)  # step() already restored the touched rows
                 raise
-            online.count_events(self.state, ii)
+            online.count_events(self.state, ii, self.config)
             for a, b in zip(ui.tolist(), ii.tolist(), strict=True):
                 self.state.seen[a].add(b)
             return loss
@@ -276,13 +276,24 @@ class Recommender:
             s = q @ v.T + self.state.true_item_bias()[None, :] + b[:, None] + float(self.state.mu)
             return s.numpy()
 
+    def rank_all(self, user_ids: Sequence[Id] | np.ndarray) -> np.ndarray:
+        """The ranking scores ``recommend`` orders by, float32 [B, n_items]: predicted rating
+        plus the recency prior (``LearnerConfig.prior_weight``)."""
+        ids = _as_ids(user_ids, "user_ids")
+        with self._lock:
+            q, b, _ = self._queries(ids)
+            v = self.state.true_item_rows()
+            rb = online.rank_bias(self.state, self.config)
+            return (q @ v.T + rb[None, :] + b[:, None] + float(self.state.mu)).numpy()
+
     def recommend(
         self, user_ids: Sequence[Id] | np.ndarray, k: int = 10, exclude_seen: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k items per user: (item ids [B, k], predicted ratings float32 [B, k]), best
-        first, ties by catalogue order. Unknown users get the cold-start answer (the mean
-        user). Where fewer than k items are eligible, the tail holds id -1 (or "" for string
-        ids) and score -inf."""
+        """Top-k items per user: (item ids [B, k], ranking scores float32 [B, k]), best first,
+        ties by catalogue order. The ranking score is the predicted rating plus the recency
+        prior (``rank_all``). Unknown users get the cold-start answer (the mean user). Where
+        fewer than k items are eligible, the tail holds id -1 (or "" for string ids) and score
+        -inf."""
         ids = _as_ids(user_ids, "user_ids")
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError("k must be a positive int")
@@ -295,7 +306,7 @@ class Recommender:
             flat = np.fromiter(itertools.chain.from_iterable(sets), np.int64, int(indptr[-1]))
             exclude = (torch.from_numpy(indptr), torch.from_numpy(flat))  # CSR
             scores, top = kernels.score_topk(
-                q, st.item_rows.t, int(k), item_bias=st.true_item_bias(),
+                q, st.item_rows.t, int(k), item_bias=online.rank_bias(st, self.config),
                 item_scale=float(st.scales[SCALE_ITEM]), exclude=exclude, backend=self.backend,
             )  # fmt: skip
             scores = scores + b[:, None] + float(st.mu)

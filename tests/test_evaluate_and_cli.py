@@ -14,6 +14,11 @@ from lrec_fast.data import Interactions
 from lrec_fast.evaluate import history_of, prequential
 
 
+def ahead(s, pos, i, j):
+    """Item i ranks ahead of j: a higher score, or the same score earlier in the catalogue."""
+    return s[i] > s[j] or (s[i] == s[j] and pos[i] < pos[j])
+
+
 def brute_force(model, stream, history, k=10):
     """Score each event against all items the user has not interacted with, one by one."""
     sq, hits, ndcg, n_rel = 0.0, 0.0, 0.0, 0
@@ -23,8 +28,9 @@ def brute_force(model, stream, history, k=10):
         sq += (float(np.clip(model.predict([u], [j])[0], 1, 5)) - r) ** 2
         if r >= 4:
             n_rel += 1
-            s = dict(zip(items, model.score_all([u])[0], strict=True))
-            rank = sum(1 for i in items if i not in history.get(u, set()) and s[i] > s[j])
+            s = dict(zip(items, model.rank_all([u])[0], strict=True))
+            pos = {i: c for c, i in enumerate(items)}
+            rank = sum(1 for i in items if i not in history.get(u, set()) and ahead(s, pos, i, j))
             if rank < k:
                 hits += 1
                 ndcg += 1 / math.log2(rank + 2)
@@ -130,7 +136,13 @@ def test_popularity_baselines_against_counting(stream):
         last = ev.item.tolist()[-window:] if window else ev.item.tolist()
         want = np.array([last.count(j) for j in items], dtype=np.float32)
         np.testing.assert_array_equal(pop.score_all([1, 2])[1], want)
-        assert np.isnan(pop.predict([1], [items[0]])).all()
+    # a constant score earns nothing from ties: the true item ranks after every earlier item
+    from lrec_fast.evaluate import rank_events
+
+    ranks, eligible = rank_events(np.zeros((1, 5)), np.zeros((1, 5), bool), np.zeros(3, int),
+                                  np.array([0, 2, 4]))  # fmt: skip
+    assert ranks.tolist() == [0, 2, 4] and eligible.tolist() == [5, 5, 5]
+    assert np.isnan(pop.predict([1], [items[0]])).all()
 
 
 def test_groups_and_percentile_against_brute_force(fitted, stream):
@@ -152,9 +164,10 @@ def test_groups_and_percentile_against_brute_force(fitted, stream):
         new += j not in warm_items
         if r >= 4:
             n_rel += 1
-            s = dict(zip(items, fitted.score_all([u])[0], strict=True))
+            s = dict(zip(items, fitted.rank_all([u])[0], strict=True))
             eligible = [i for i in items if i == j or i not in hist.get(u, set())]
-            rank = sum(1 for i in eligible if s[i] > s[j])
+            pos = {i: c for c, i in enumerate(items)}
+            rank = sum(1 for i in eligible if ahead(s, pos, i, j))
             pr.append(rank / (len(eligible) - 1))
         seen.add(u)
         hist.setdefault(u, set()).add(j)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lrec_fast import DivergenceError, Recommender
+from lrec_fast import DivergenceError, Recommender, online
 from lrec_fast.kernels.reference import predict as ref_predict
 
 from .conftest import assert_same_bits, state_bits
@@ -24,9 +24,12 @@ def test_fit_recommend_predict(fitted, stream):
     for u, row in zip([0, 1, 2], items, strict=True):
         seen = {fitted.state.items.ids[j] for j in fitted.state.seen[fitted.state.users.index[u]]}
         assert not seen & set(row.tolist())
-    # recommend's scores are the predicted ratings of the items it returns
+    # recommend's scores are the predicted ratings of the items it returns plus their prior
     p = fitted.predict([0] * 5, items[0].tolist())
-    np.testing.assert_allclose(p, scores[0], rtol=1e-5, atol=1e-5)
+    cols = [fitted.state.items.index[j] for j in items[0].tolist()]
+    prior = fitted.config.prior_weight * np.log1p(fitted.state.recent_counts().numpy()[cols])
+    np.testing.assert_allclose(p + prior, scores[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fitted.rank_all([0])[0][cols], scores[0], rtol=1e-5, atol=1e-5)
     # and agree with the reference predict on the raw state
     st = fitted.state
     ref = ref_predict(st.user_rows.t, st.item_rows.t, st.user_bias.t, st.item_bias.t, st.scales,
@@ -49,7 +52,7 @@ def test_cold_user_gets_mean_user_answer(fitted):
     items, _scores = fitted.recommend(["nobody"], k=3)
     st = fitted.state
     q = st.true_user_rows().mean(0)
-    full = st.true_item_rows() @ q + st.true_item_bias()
+    full = st.true_item_rows() @ q + online.rank_bias(st, fitted.config)
     assert items[0].tolist() == [st.items.ids[j] for j in torch.argsort(-full)[:3].tolist()]
     # a new user in feedback is added and immediately personalised
     fitted.feedback(["newbie", "newbie"], [1, 2], [5.0, 5.0])
@@ -221,3 +224,33 @@ def test_loaded_model_rebuilds_its_encoder(fitted, tmp_path):
     fitted.add_items(["after-load"], ["Kalo 1 | space"])
     assert again.encoder.name == "hashing-64"
     assert_same_bits(state_bits(fitted), state_bits(again))
+
+
+def test_recency_prior_counts_decay_exactly(stream):
+    """Decayed counts equal the brute-force sum of 2^(-age / halflife) over every event learned
+    from (fit, then feedback batches), ages counted in events; rejected batches count nothing."""
+    h = 50.0
+    rec = Recommender(dim=4, encoder="hashing-16", max_epochs=2, prior_halflife=h)
+    rec.add_items(stream.item_ids, stream.item_text)
+    ev = stream.events
+    rec.fit(ev.user[:300], ev.item[:300], ev.rating[:300])
+    learned = ev.item[:300].tolist()
+    for s in range(300, 420, 40):
+        rec.feedback(ev.user[s : s + 40], ev.item[s : s + 40], ev.rating[s : s + 40])
+        learned += ev.item[s : s + 40].tolist()
+    with pytest.raises(ValueError):
+        rec.feedback([1], [ev.item[0]], [float("nan")])
+    n = len(learned)
+    want = np.zeros(rec.n_items)
+    col = rec.state.items.index
+    for t, j in enumerate(learned):
+        want[col[j]] += 2.0 ** (-(n - 1 - t) / h)
+    np.testing.assert_allclose(rec.state.recent_counts().numpy(), want, rtol=1e-9, atol=1e-12)
+    # a checkpoint keeps them
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        rec.save(d)
+        again = Recommender.load(d)
+    np.testing.assert_array_equal(again.state.recent_counts().numpy(),
+                                  rec.state.recent_counts().numpy())  # fmt: skip
