@@ -63,15 +63,12 @@ class Popularity:
         self.update_s += time.perf_counter() - t
 
 
-class RecommenderModel:
-    """A Recommender under evaluation; ``learn`` decides whether it takes feedback."""
+class _Answers:
+    """Answers from the Recommender in ``self.rec``: ratings, and the ranking ``recommend``
+    uses."""
 
+    rec: Recommender
     rates = True
-
-    def __init__(self, rec: Recommender, learn: bool, name: str) -> None:
-        self.rec, self.learning, self.name = rec, learn, name
-        self.update_s = 0.0
-        self.rejected = 0
 
     @property
     def item_ids(self) -> list[Any]:
@@ -82,6 +79,15 @@ class RecommenderModel:
 
     def score_all(self, users: Sequence[Any]) -> np.ndarray:
         return self.rec.rank_all(users)
+
+
+class RecommenderModel(_Answers):
+    """A Recommender under evaluation; ``learn`` decides whether it takes feedback."""
+
+    def __init__(self, rec: Recommender, learn: bool, name: str) -> None:
+        self.rec, self.learning, self.name = rec, learn, name
+        self.update_s = 0.0
+        self.rejected = 0
 
     def learn(self, users: Sequence[Any], items: Sequence[Any], ratings: np.ndarray) -> None:
         if not self.learning:
@@ -94,11 +100,9 @@ class RecommenderModel:
         self.update_s += time.perf_counter() - t
 
 
-class Retrain:
+class Retrain(_Answers):
     """Retraining from scratch every ``every`` stream events on everything seen so far (the
     warm-up's training events + the stream so far); static between retrains."""
-
-    rates = True
 
     def __init__(self, make: Callable[[], Recommender], warm: Interactions, every: int = 2_500,
                  name: str = "") -> None:  # fmt: skip
@@ -111,21 +115,11 @@ class Retrain:
 
     def _train(self) -> Recommender:
         t = time.perf_counter()
-        ev = self.seen[0] if len(self.seen) == 1 else _concat(self.seen)
+        ev = self.seen[0] if len(self.seen) == 1 else Interactions.concat(self.seen)
         rec = self.make()
         rec.fit(ev.user, ev.item, ev.rating)
         self.update_s += time.perf_counter() - t
         return rec
-
-    @property
-    def item_ids(self) -> list[Any]:
-        return self.rec.item_ids
-
-    def predict(self, users: Sequence[Any], items: Sequence[Any]) -> np.ndarray:
-        return self.rec.predict(users, items)
-
-    def score_all(self, users: Sequence[Any]) -> np.ndarray:
-        return self.rec.rank_all(users)
 
     def learn(self, users: Sequence[Any], items: Sequence[Any], ratings: np.ndarray) -> None:
         n = len(users)
@@ -136,11 +130,6 @@ class Retrain:
         if self._since >= self.every:
             self._since = 0
             self.rec = self._train()
-
-
-def _concat(parts: list[Interactions]) -> Interactions:
-    return Interactions(*(np.concatenate([getattr(p, f) for p in parts])
-                          for f in ("user", "item", "rating", "timestamp")))  # fmt: skip
 
 
 __all__ = ["Popularity", "RecommenderModel", "Retrain"]

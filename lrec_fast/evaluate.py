@@ -235,7 +235,7 @@ class Split:
 
     @property
     def warm(self) -> Interactions:
-        return _concat([self.train, self.retain])
+        return Interactions.concat([self.train, self.retain])
 
 
 def split_events(events: Interactions, warm_fraction: float = 0.5, retain_fraction: float = 0.1,
@@ -248,11 +248,6 @@ def split_events(events: Interactions, warm_fraction: float = 0.5, retain_fracti
     keep[rng.choice(n_warm, size=int(n_warm * retain_fraction), replace=False)] = True
     warm = events.take(slice(0, n_warm))
     return Split(warm.take(~keep), warm.take(keep), events.take(slice(n_warm, None)))
-
-
-def _concat(parts: list[Interactions]) -> Interactions:
-    return Interactions(*(np.concatenate([getattr(p, f) for p in parts])
-                          for f in ("user", "item", "rating", "timestamp")))  # fmt: skip
 
 
 WINDOWS = (50, 100, 250, 500, 1_000, 2_000, 5_000, 10_000, 20_000)

@@ -33,6 +33,12 @@ class Interactions:
             self.user[index], self.item[index], self.rating[index], self.timestamp[index]
         )
 
+    @staticmethod
+    def concat(parts: list[Interactions]) -> Interactions:
+        """The events of ``parts`` one after the other."""
+        return Interactions(*(np.concatenate([getattr(p, f) for p in parts])
+                              for f in ("user", "item", "rating", "timestamp")))  # fmt: skip
+
     def sorted_by_time(self) -> Interactions:
         """Events sorted by timestamp; ties keep their original order (stable)."""
         return self.take(np.argsort(self.timestamp, kind="stable"))
