@@ -223,27 +223,38 @@ class Recommender:
     def feedback(
         self, users: Any, items: Any, ratings: Any, *, texts: Mapping[Id, str] | None = None
     ) -> float:
-        """Learn from one micro-batch of events now: one fused decayed SGD step (README,
-        "Update semantics"). Unknown users are added; unknown items need their text in
-        ``texts``. The batch is applied whole or not at all. Returns the batch's MSE before
-        the step."""
+        """Learn from one micro-batch of events now: one fused decayed SGD step per
+        ``lr_batch`` events, in time order (README, "Update semantics"). Unknown users are
+        added; unknown items need their text in ``texts``. The batch is applied whole or not at
+        all. Returns the batch's MSE before learning (each chunk's, before its own step)."""
         with self._lock:
             u, i, r, new_items = self._prepare(users, items, ratings, texts)
             emb = None
             if new_items:
                 assert texts is not None
                 emb = torch.from_numpy(self.encoder.encode([texts[j] for j in new_items]))
-            mark = self.state.mark()
+            cfg = self.config
+            n = len(u)
+            chunk = cfg.lr_batch if 0 < cfg.lr_batch < n else n
+            # one step restores its own rows on divergence; several need the whole state back
+            mark, snap = self.state.mark(), (self.state.snapshot() if chunk < n else None)
             try:
                 if emb is not None:
                     self._append_items(new_items, emb)
                 ui, ii = self._index(u, i)
-                cfg = self.config
                 lo, hi = self.rating_range
-                loss = online.step(self.state, ui, ii, r, cfg.lr, cfg.weight_decay, cfg,
-                                   self.backend, (hi - lo) ** 2)  # fmt: skip
+                sq = 0.0
+                for s in range(0, n, chunk):
+                    sl = slice(s, s + chunk)
+                    part = online.step(self.state, ui[sl], ii[sl], r[sl], cfg.lr, cfg.weight_decay,
+                                       cfg, self.backend, (hi - lo) ** 2)  # fmt: skip
+                    sq += part * len(ui[sl])
+                loss = sq / n
             except BaseException:
-                self.state.truncate(mark)  # step() already restored the touched rows
+                if snap is not None:
+                    self.state.restore(snap)
+                else:
+                    self.state.truncate(mark)  # step() already restored the touched rows
                 raise
             online.count_events(self.state, ii, self.config)
             for a, b in zip(ui.tolist(), ii.tolist(), strict=True):

@@ -254,3 +254,62 @@ def test_recency_prior_counts_decay_exactly(stream):
         again = Recommender.load(d)
     np.testing.assert_array_equal(again.state.recent_counts().numpy(),
                                   rec.state.recent_counts().numpy())  # fmt: skip
+
+
+def test_large_batch_is_lr_batch_steps_in_time_order(stream):
+    """A call with more than lr_batch events equals feeding its chunks one call at a time
+    (known users and items), and returns the events' mean pre-step loss."""
+    recs = []
+    for _ in range(2):
+        rec = Recommender(dim=4, encoder="hashing-16", max_epochs=2, lr_batch=40)
+        rec.add_items(stream.item_ids, stream.item_text)
+        ev = stream.events
+        rec.fit(ev.user[:600], ev.item[:600], ev.rating[:600])
+        recs.append(rec)
+    known = np.isin(ev.user[600:900], ev.user[:600])
+    u, i, r = (
+        ev.user[600:900][known][:130],
+        ev.item[600:900][known][:130],
+        ev.rating[600:900][known][:130],
+    )
+    loss = recs[0].feedback(u, i, r)
+    parts = [
+        recs[1].feedback(u[s : s + 40], i[s : s + 40], r[s : s + 40]) for s in range(0, 130, 40)
+    ]
+    a, b = state_bits(recs[0]), state_bits(recs[1])
+    for bits in (a, b):  # the decayed counts agree to rounding (one decay of 130 vs 4 calls)
+        bits["t"].pop("item_recent"), bits["t"].pop("recent_scale")  # type: ignore[union-attr]
+    assert_same_bits(a, b)
+    np.testing.assert_allclose(recs[0].state.recent_counts().numpy(),
+                               recs[1].state.recent_counts().numpy(), rtol=1e-12)  # fmt: skip
+    sizes = [40, 40, 40, 10]
+    assert loss == pytest.approx(sum(p * n for p, n in zip(parts, sizes, strict=True)) / 130)
+
+
+def test_large_batch_diverging_late_is_rolled_back_whole(fitted):
+    fitted.config.lr_batch = 2
+    before = state_bits(fitted)
+    users = [0, 1, "late-new-user", 2, 3, 4]
+    items = [1, 2, 3, 4, 5, 6]
+    ratings = [4.0, 3.0, 5.0, 2.0, 5.0, 1.0]
+    fitted.config.lr = 1.0
+    real_step = online.step
+    calls = []
+
+    def step_then_explode(state, *args, **kw):  # the third chunk diverges
+        calls.append(1)
+        if len(calls) == 3:
+            raise DivergenceError("late chunk diverged")
+        return real_step(state, *args, **kw)
+
+    import lrec_fast.service as service_mod
+
+    service_mod.online.step, saved = step_then_explode, service_mod.online.step
+    try:
+        with pytest.raises(DivergenceError, match="late chunk"):
+            fitted.feedback(users, items, ratings)
+    finally:
+        service_mod.online.step = saved
+    assert len(calls) == 3
+    assert_same_bits(before, state_bits(fitted))
+    assert "late-new-user" not in fitted.state.users
