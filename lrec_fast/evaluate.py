@@ -302,7 +302,7 @@ def run_protocol(
 
     The rating-MF baselines are what a user would run without lrec_fast's learner: static,
     naive fine-tuning (plain SGD per micro-batch, no weight decay) and retraining from scratch,
-    none with the recency prior; "lrec_fast" is ``Recommender()`` with its defaults."""
+    none with the recency prior or replay; "lrec_fast" is ``Recommender()`` with its defaults."""
     from .baselines import Popularity, RecommenderModel, Retrain
 
     wanted = list(MODELS if models is None else models)
@@ -337,13 +337,15 @@ def run_protocol(
             built[name] = Popularity(item_ids, window=w, name=f"{name} ({w:,})")
             built[name].fit(sp.train)
         elif name == "static":
-            built[name] = RecommenderModel(fitted(prior_weight=0.0), learn=False, name=name)
+            built[name] = RecommenderModel(fitted(prior_weight=0.0, replay_ratio=0.0), learn=False,
+                                           name=name)  # fmt: skip
         elif name == "naive fine-tune":
-            plain = fitted(weight_decay=0.0, prior_weight=0.0)
+            plain = fitted(weight_decay=0.0, prior_weight=0.0, replay_ratio=0.0)
             built[name] = RecommenderModel(plain, learn=True, name=name)
         elif name == "retrain":
             label = f"retrain every {retrain_every:,}"
-            built[name] = Retrain(lambda: make(prior_weight=0.0), sp.train, retrain_every,
+            built[name] = Retrain(lambda: make(prior_weight=0.0, replay_ratio=0.0), sp.train,
+                                  retrain_every,
                                   name=label)  # fmt: skip
         else:  # "lrec_fast": the Recommender's defaults, learning from every micro-batch
             built[name] = RecommenderModel(fitted(), learn=True, name=name)

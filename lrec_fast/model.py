@@ -109,6 +109,12 @@ class ModelState:
     # stored lazily as recent_scale * item_recent (float64), like the decayed tables.
     item_recent: Rows = field(init=False)
     recent_scale: torch.Tensor = field(default_factory=lambda: torch.ones(1, dtype=torch.float64))
+    # Replay reservoir: a uniform sample of the events learned from so far (row indices and
+    # ratings), replay_seen = how many events were offered to it (online.reservoir_add).
+    replay_users: Rows = field(init=False)
+    replay_items: Rows = field(init=False)
+    replay_ratings: Rows = field(init=False)
+    replay_seen: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.int64))
     scales: torch.Tensor = field(default_factory=lambda: torch.ones(4, dtype=torch.float64))
     mu: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.float64))
     # Text projection: [V row | b_v] ~= proj @ e_j, float32 [dim + 1, text_dim].
@@ -124,6 +130,9 @@ class ModelState:
         self.item_text = Rows(self.text_dim)
         self.item_count = Rows(None, torch.int64)
         self.item_recent = Rows(None, torch.float64)
+        self.replay_users = Rows(None, torch.int64)
+        self.replay_items = Rows(None, torch.int64)
+        self.replay_ratings = Rows(None, torch.float32)
         self.proj = torch.zeros(self.dim + 1, self.text_dim)
 
     # -- views of the true (decayed) values -------------------------------------------------
@@ -190,6 +199,8 @@ class ModelState:
             "user_bias": self.user_bias.t, "item_bias": self.item_bias.t,
             "item_text": self.item_text.t, "item_count": self.item_count.t,
             "item_recent": self.item_recent.t, "recent_scale": self.recent_scale,
+            "replay_users": self.replay_users.t, "replay_items": self.replay_items.t,
+            "replay_ratings": self.replay_ratings.t, "replay_seen": self.replay_seen,
             "scales": self.scales, "mu": self.mu, "proj": self.proj,
             "seen_indptr": torch.from_numpy(indptr),
             "seen_indices": torch.tensor(flat, dtype=torch.int64),
@@ -204,6 +215,11 @@ class ModelState:
                              else torch.zeros(self.item_count.n, dtype=torch.float64))  # fmt: skip
         self.recent_scale = (t["recent_scale"].clone() if "recent_scale" in t
                              else torch.ones(1, dtype=torch.float64))  # fmt: skip
+        for name, dtype in (("replay_users", torch.int64), ("replay_items", torch.int64),
+                            ("replay_ratings", torch.float32)):  # fmt: skip
+            getattr(self, name).set(t[name].clone() if name in t else torch.zeros(0, dtype=dtype))
+        self.replay_seen = (t["replay_seen"].clone() if "replay_seen" in t
+                            else torch.zeros(1, dtype=torch.int64))  # fmt: skip
         self.scales = t["scales"].clone().to(torch.float64)
         self.mu = t["mu"].clone().to(torch.float64)
         self.proj = t["proj"].clone()

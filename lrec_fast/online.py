@@ -56,6 +56,13 @@ class LearnerConfig:
     # MovieLens warm-up (prequential on its last 20%): HR@10 0.050 -> 0.079 there.
     prior_weight: float = 2.0
     prior_halflife: float = 3_000.0
+    # Replay against forgetting: each step mixes round(replay_ratio * N) events drawn uniformly
+    # from a reservoir of replay_size past events (warm-up and stream) into its N new ones.
+    # Picked on the warm-up alone (its first 80% less 10% held out, then its last 20% streamed):
+    # ratio 0 / 0.25 / 0.5 / 1 gave stream RMSE 0.9970 / 0.9966 / 0.9971 / 0.9983 and held-out
+    # RMSE 0.9227 -> 0.9200 / 0.9188 / 0.9185 / 0.9185.
+    replay_ratio: float = 0.25
+    replay_size: int = 10_000
     seed: int = 0
 
     def as_dict(self) -> dict[str, float | int | None]:
@@ -103,7 +110,7 @@ def step(
         state.scales, state.mu, users, items, ratings, lr, weight_decay, cfg.learn_mu,
         backend=backend,
     )  # fmt: skip
-    after = _mse(state, users, items, ratings)
+    after = mse(state, users, items, ratings)
     limit = max(cfg.explode_ratio * loss, max_loss)
     ok = (
         math.isfinite(loss) and math.isfinite(after) and after <= limit
@@ -143,6 +150,48 @@ def count_events(state: ModelState, items: torch.Tensor, cfg: LearnerConfig) -> 
     state.recent_scale.fill_(scale)
 
 
+def reservoir_add(
+    state: ModelState, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
+    cfg: LearnerConfig,
+) -> None:  # fmt: skip
+    """Offer learned-from events (row indices, time order) to the replay reservoir (Vitter's
+    algorithm R: after n offers each one is in it with probability size / n). Deterministic:
+    the random draws are seeded by (seed, offers so far)."""
+    cap, n = cfg.replay_size, users.numel()
+    if cap <= 0 or n == 0:
+        return
+    seen = int(state.replay_seen)
+    rng = np.random.default_rng([cfg.seed, seen, 0])
+    fill = max(0, min(n, cap - state.replay_users.n))
+    if fill:
+        state.replay_users.append(users[:fill])
+        state.replay_items.append(items[:fill])
+        state.replay_ratings.append(ratings[:fill].float())
+    if fill < n:
+        offers = np.arange(seen + fill + 1, seen + n + 1)  # 1-based index of each later event
+        slot = (rng.random(n - fill) * offers).astype(np.int64)  # uniform in [0, offer)
+        take = np.nonzero(slot < cap)[0]  # in time order: a later event overwrites an earlier
+        if take.size:
+            dst = torch.from_numpy(slot[take])
+            src = torch.from_numpy(take + fill)
+            state.replay_users.t[dst] = users[src]
+            state.replay_items.t[dst] = items[src]
+            state.replay_ratings.t[dst] = ratings[src].float()
+    state.replay_seen.fill_(seen + n)
+
+
+def replay_sample(
+    state: ModelState, n_new: int, cfg: LearnerConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """round(replay_ratio * n_new) reservoir events (users, items, ratings), drawn with
+    replacement, seeded by (seed, offers so far, n_new)."""
+    size = state.replay_users.n
+    m = round(cfg.replay_ratio * n_new) if size else 0
+    rng = np.random.default_rng([cfg.seed, int(state.replay_seen), n_new, 1])
+    pick = torch.from_numpy(rng.integers(0, max(size, 1), m))
+    return state.replay_users.t[pick], state.replay_items.t[pick], state.replay_ratings.t[pick]
+
+
 def rank_bias(state: ModelState, cfg: LearnerConfig) -> torch.Tensor:
     """The per-item term ``recommend`` ranks with, float32 [n_items]: the true item bias plus
     prior_weight * log(1 + recent count)."""
@@ -155,13 +204,14 @@ def effective_lr(lr: float, n_events: int, cfg: LearnerConfig) -> float:
     return lr * min(1.0, n_events / cfg.lr_batch) if cfg.lr_batch > 0 else lr
 
 
-def _mse(
+def mse(
     state: ModelState,
     users: torch.Tensor,
     items: torch.Tensor,
     ratings: torch.Tensor,
     clip: tuple[float, float] | None = None,
 ) -> float:
+    """Mean squared error of the current predictions on the events (optionally clipped)."""
     p = reference_predict(
         state.user_rows.t, state.item_rows.t, state.user_bias.t, state.item_bias.t,
         state.scales, state.mu, users, items,
@@ -174,7 +224,7 @@ def _mse(
 def rmse(state: ModelState, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
          clip: tuple[float, float] | None = None) -> float:  # fmt: skip
     """Root mean squared error of the model's predictions (optionally clipped to the range)."""
-    return math.sqrt(_mse(state, users, items, ratings, clip)) if users.numel() else math.nan
+    return math.sqrt(mse(state, users, items, ratings, clip)) if users.numel() else math.nan
 
 
 def fit(
@@ -224,6 +274,7 @@ def fit(
     state.restore(best)
     report.best_epoch = best_epoch
     count_events(state, items, cfg)  # each event once, however many epochs saw it
+    reservoir_add(state, users, items, ratings, cfg)
     for s in range(n_tr, n, cfg.batch_size):
         sl = slice(s, min(s + cfg.batch_size, n))
         try:

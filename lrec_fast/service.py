@@ -245,10 +245,12 @@ class Recommender:
                 lo, hi = self.rating_range
                 sq = 0.0
                 for s in range(0, n, chunk):
-                    sl = slice(s, s + chunk)
-                    part = online.step(self.state, ui[sl], ii[sl], r[sl], cfg.lr, cfg.weight_decay,
-                                       cfg, self.backend, (hi - lo) ** 2)  # fmt: skip
-                    sq += part * len(ui[sl])
+                    cu, ci, cr = ui[s : s + chunk], ii[s : s + chunk], r[s : s + chunk]
+                    sq += online.mse(self.state, cu, ci, cr) * len(cu)
+                    ru, ri, rr = online.replay_sample(self.state, len(cu), cfg)
+                    online.step(self.state, torch.cat([cu, ru]), torch.cat([ci, ri]),
+                                torch.cat([cr, rr]), cfg.lr, cfg.weight_decay, cfg, self.backend,
+                                (hi - lo) ** 2)  # fmt: skip
                 loss = sq / n
             except BaseException:
                 if snap is not None:
@@ -257,6 +259,7 @@ class Recommender:
                     self.state.truncate(mark)  # step() already restored the touched rows
                 raise
             online.count_events(self.state, ii, self.config)
+            online.reservoir_add(self.state, ui, ii, r, self.config)
             for a, b in zip(ui.tolist(), ii.tolist(), strict=True):
                 self.state.seen[a].add(b)
             return loss

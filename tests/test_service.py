@@ -261,7 +261,7 @@ def test_large_batch_is_lr_batch_steps_in_time_order(stream):
     (known users and items), and returns the events' mean pre-step loss."""
     recs = []
     for _ in range(2):
-        rec = Recommender(dim=4, encoder="hashing-16", max_epochs=2, lr_batch=40)
+        rec = Recommender(dim=4, encoder="hashing-16", max_epochs=2, lr_batch=40, replay_ratio=0.0)
         rec.add_items(stream.item_ids, stream.item_text)
         ev = stream.events
         rec.fit(ev.user[:600], ev.item[:600], ev.rating[:600])
@@ -313,3 +313,31 @@ def test_large_batch_diverging_late_is_rolled_back_whole(fitted):
     assert len(calls) == 3
     assert_same_bits(before, state_bits(fitted))
     assert "late-new-user" not in fitted.state.users
+
+
+def test_replay_reservoir_is_a_uniform_deterministic_sample():
+    from lrec_fast.model import ModelState
+
+    cfg = online.LearnerConfig(replay_size=100, replay_ratio=0.25)
+    means = []
+    for seed in range(5):
+        cfg.seed = seed
+        runs = []
+        for _ in range(2):
+            st = ModelState(dim=2, text_dim=2)
+            for s in range(0, 10_000, 300):  # ragged calls, time order
+                idx = torch.arange(s, min(s + 300, 10_000))
+                online.reservoir_add(st, idx, idx + 1, idx.float() / 10_000, cfg)
+            runs.append(st.replay_users.t.clone())
+        assert torch.equal(runs[0], runs[1])  # deterministic
+        kept = runs[0]
+        assert kept.numel() == 100 == kept.unique().numel() and int(st.replay_seen) == 10_000
+        assert torch.equal(st.replay_items.t, kept + 1)  # rows stay paired
+        means.append(float(kept.double().mean()))
+    # uniform over all 10,000 offers: the mean index is 5,000 +- 290 (std of a mean of 100)
+    assert abs(np.mean(means) - 5_000) < 3 * 290 / np.sqrt(5)
+    u, i, r = online.replay_sample(st, 100, cfg)
+    assert u.numel() == 25 and torch.equal(i, u + 1)
+    torch.testing.assert_close(r, u.float() / 10_000)
+    empty = ModelState(dim=2, text_dim=2)
+    assert online.replay_sample(empty, 100, cfg)[0].numel() == 0
