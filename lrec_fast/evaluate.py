@@ -142,7 +142,7 @@ def prequential(
     lo, hi = rating_range
     res = StreamResult(name=sm.name, k=k)
     total = {g: Totals() for g in GROUPS}
-    seg, seg_start, seg_batches, update0 = Totals(), 0, 0, sm.update_s
+    seg, seg_start, update0 = Totals(), 0, sm.update_s
     discounts = 1.0 / np.log2(np.arange(k) + 2.0)
     for s in range(0, len(stream), batch_size):
         b = stream.take(slice(s, s + batch_size))
@@ -187,7 +187,6 @@ def prequential(
         known.update(users)
         for u, j in zip(users, items, strict=True):
             history.setdefault(u, set()).add(j)
-        seg_batches += 1
         if on_batch is not None:
             on_batch(len(users))
         if seg.n >= segment or s + batch_size >= len(stream):
@@ -195,7 +194,7 @@ def prequential(
             seg_m["start"] = seg_start
             res.segments.append(seg_m)
             seg_start += seg.n
-            seg, seg_batches = Totals(), 0
+            seg = Totals()
     res.groups = {g: total[g].metrics(k, sm.rates) for g in GROUPS}
     res.overall = dict(res.groups["all"])
     n_batches = max(1, -(-len(stream) // batch_size))

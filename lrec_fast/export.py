@@ -39,6 +39,7 @@ import numpy as np
 
 from ._io import fsync_dir
 from ._version import __version__
+from .model import IdMap
 from .text.onnx_encoder import PRECISIONS, OrtEncoder, export_encoder
 
 log = logging.getLogger(__name__)
@@ -64,13 +65,17 @@ def _sha256(path: Path) -> str:
 
 
 def _item_table(rows: np.ndarray, precision: str) -> dict[str, np.ndarray]:
-    """The item rows as stored for ``precision`` (int8: symmetric per row + fp32 scales)."""
+    """The item rows as stored for ``precision`` (int8: the kernels' quantised catalogue,
+    ``reference.quantize_rows``)."""
     if precision == "fp16":
         return {"item_rows": rows.astype(np.float16)}
     if precision == "int8":
-        scale = np.maximum(np.abs(rows).max(1), 1e-30) / 127.0 if len(rows) else np.zeros(0)
-        q = np.clip(np.round(rows / scale[:, None]), -127, 127) if len(rows) else rows
-        return {"item_rows": q.astype(np.int8), "item_row_scale": scale.astype(np.float32)}
+        import torch
+
+        from .kernels.reference import quantize_rows
+
+        q, scale = quantize_rows(torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)))
+        return {"item_rows": q.numpy(), "item_row_scale": scale.numpy()}
     return {"item_rows": rows.astype(np.float32)}
 
 
@@ -213,10 +218,7 @@ class Deployment:
         self.precision: str = self.manifest["precision"]
         t = load_file(str(self.directory / TABLES_FILE))
         ids = json.loads((self.directory / IDS_FILE).read_text(encoding="utf-8"))
-        self._users = {u: i for i, u in enumerate(ids["users"])}
-        self._items = {j: i for i, j in enumerate(ids["items"])}
-        self._item_ids = list(ids["items"])
-        self._item_array: np.ndarray | None = None
+        self._users, self._items = IdMap(ids["users"]), IdMap(ids["items"])
         self.item_rows, self.item_row_scale = t["item_rows"], t.get("item_row_scale")
         self.item_bias, self.user_rows = t["item_bias"], t["user_rows"]
         self.item_rank_bias = t["item_rank_bias"]  # item bias + recency prior, for ranking
@@ -244,35 +246,34 @@ class Deployment:
 
     @property
     def n_items(self) -> int:
-        return len(self._item_ids)
+        return len(self._items)
 
     def _queries(self, user_ids: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        idx = [self._users.get(u, -1) for u in user_ids]
-        q = np.stack([self.user_rows[i] if i >= 0 else self._mean_user for i in idx]) \
-            if idx else np.zeros((0, self.user_rows.shape[1]), np.float32)  # fmt: skip
-        b = np.array([self.user_bias[i] if i >= 0 else self._mean_bias for i in idx], np.float32)
-        return q.astype(np.float32), b, idx
+        """User rows [B, d] and biases [B]; unknown users get the mean known user."""
+        idx = [self._users.index.get(u, -1) for u in user_ids]
+        known = np.asarray(idx, dtype=np.int64) >= 0
+        rows = np.clip(np.asarray(idx, dtype=np.int64), 0, None)
+        if not len(self.user_rows):
+            return (np.zeros((len(idx), self.user_rows.shape[1]), np.float32),
+                    np.zeros(len(idx), np.float32), idx)  # fmt: skip
+        q = np.where(known[:, None], self.user_rows[rows], self._mean_user[None, :])
+        b = np.where(known, self.user_bias[rows], self._mean_bias)
+        return q.astype(np.float32), b.astype(np.float32), idx
 
     def recommend(
         self, user_ids: Sequence[Any], k: int = 10, exclude_seen: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
-        """As ``Recommender.recommend``: (item ids [B, k], predicted ratings float32 [B, k])."""
+        """As ``Recommender.recommend``: (item ids [B, k], ranking scores float32 [B, k])."""
         import torch
 
         from . import kernels
-        from .service import _as_ids
+        from .service import _as_ids, check_k, external_ids, seen_csr
 
         ids = _as_ids(user_ids, "user_ids")
-        if not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError("k must be a positive int")
+        check_k(k)
         with self._lock:
             q, b, idx = self._queries(ids)
-            sets = [self._seen[i] if (exclude_seen and 0 <= i < len(self._seen)) else
-                    np.zeros(0, np.int64) for i in idx]  # fmt: skip
-            indptr = np.zeros(len(sets) + 1, dtype=np.int64)
-            np.cumsum([len(x) for x in sets], out=indptr[1:])
-            flat = np.concatenate(sets) if sets else np.zeros(0, np.int64)
-            excl = (torch.from_numpy(indptr), torch.from_numpy(flat.astype(np.int64)))  # CSR
+            excl = seen_csr([self._seen[i] if (exclude_seen and i >= 0) else () for i in idx])
             rs = self.item_row_scale
             scores, top = kernels.score_topk(
                 torch.from_numpy(q), torch.from_numpy(self.item_rows), int(k),
@@ -280,15 +281,7 @@ class Deployment:
                 row_scale=torch.from_numpy(rs) if rs is not None else None,
             )  # fmt: skip
             scores = scores.numpy() + b[:, None] + self.mu
-            if self._item_array is None or len(self._item_array) != self.n_items:
-                ints = all(isinstance(i, int) for i in self._item_ids)
-                self._item_array = np.asarray(self._item_ids, dtype=np.int64 if ints else object)
-            items = self._item_array
-            pad: Any = -1 if items.dtype != object else ""
-            out = np.full(top.shape, pad, dtype=items.dtype)
-            t = top.numpy()
-            out[t >= 0] = items[t[t >= 0]]
-            return out, scores.astype(np.float32)
+            return external_ids(top, self._items.array()), scores.astype(np.float32)
 
     def predict(self, user_ids: Sequence[Any], item_ids: Sequence[Any]) -> np.ndarray:
         """Predicted ratings, float32 [N]; unknown items raise ValueError."""
@@ -302,7 +295,7 @@ class Deployment:
             if missing:
                 raise ValueError(f"unknown items: {missing[:5]}")
             q, b, _ = self._queries(u)
-            rows = np.array([self._items[j] for j in i], dtype=np.int64)
+            rows = np.array([self._items.index[j] for j in i], dtype=np.int64)
             v = self.item_rows[rows].astype(np.float32)
             if self.item_row_scale is not None:
                 v = v * self.item_row_scale[rows, None]
@@ -334,8 +327,7 @@ class Deployment:
             self.item_bias = np.concatenate([self.item_bias, bias])
             self.item_rank_bias = np.concatenate([self.item_rank_bias, bias])  # no events yet
             for j in ids:
-                self._items[j] = len(self._item_ids)
-                self._item_ids.append(j)
+                self._items.add(j)
 
     def __repr__(self) -> str:
         return (f"Deployment({str(self.directory)!r}, precision={self.precision!r}, provider="

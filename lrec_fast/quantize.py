@@ -37,10 +37,14 @@ def _int8_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _int8_rows(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per row of t [R, C]: (int8 [R, C], float32 scales [R, 1])."""
-    scale = np.maximum(np.abs(t).max(1), 1e-12) / 127.0
-    q = np.clip(np.round(t / scale[:, None]), -127, 127).astype(np.int8)
-    return q, scale.astype(np.float32)[:, None]
+    """Symmetric int8 per row of t [R, C] as the kernels store a catalogue
+    (``reference.quantize_rows``): (int8 [R, C], float32 scales [R, 1])."""
+    import torch
+
+    from .kernels.reference import quantize_rows
+
+    q, scale = quantize_rows(torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32)))
+    return q.numpy(), scale.numpy()[:, None]
 
 
 class _Builder:

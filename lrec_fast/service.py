@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,28 @@ def _as_ratings(values: Any, n: int, lo: float, hi: float) -> torch.Tensor:
     if len(arr) and (arr.min() < lo or arr.max() > hi):
         raise ValueError(f"ratings must lie in [{lo}, {hi}]; got [{arr.min()}, {arr.max()}]")
     return torch.from_numpy(arr.astype(np.float32))
+
+
+def check_k(k: Any) -> None:
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError("k must be a positive int")
+
+
+def seen_csr(sets: Sequence[Iterable[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query item rows to exclude, as the (indptr, indices) int64 CSR score_topk takes."""
+    indptr = np.zeros(len(sets) + 1, dtype=np.int64)
+    np.cumsum([len(x) for x in sets], out=indptr[1:])  # type: ignore[arg-type]
+    flat = np.fromiter(itertools.chain.from_iterable(sets), np.int64, int(indptr[-1]))
+    return torch.from_numpy(indptr), torch.from_numpy(flat)
+
+
+def external_ids(top: torch.Tensor, item_ids: np.ndarray) -> np.ndarray:
+    """Row indices [B, k] (-1 = none) -> the caller's item ids (-1, or "" for string ids)."""
+    pad: Any = -1 if item_ids.dtype != object else ""
+    out = np.full(top.shape, pad, dtype=item_ids.dtype)
+    t = top.numpy()
+    out[t >= 0] = item_ids[t[t >= 0]]
+    return out
 
 
 class Recommender:
@@ -246,11 +268,13 @@ class Recommender:
                 sq = 0.0
                 for s in range(0, n, chunk):
                     cu, ci, cr = ui[s : s + chunk], ii[s : s + chunk], r[s : s + chunk]
-                    sq += online.mse(self.state, cu, ci, cr) * len(cu)
                     ru, ri, rr = online.replay_sample(self.state, len(cu), cfg)
-                    online.step(self.state, torch.cat([cu, ru]), torch.cat([ci, ri]),
-                                torch.cat([cr, rr]), cfg.lr, cfg.weight_decay, cfg, self.backend,
-                                (hi - lo) ** 2)  # fmt: skip
+                    # the step's own loss covers the replayed events too: the new ones' apart
+                    new_loss = online.mse(self.state, cu, ci, cr) if ru.numel() else None
+                    loss = online.step(self.state, torch.cat([cu, ru]), torch.cat([ci, ri]),
+                                       torch.cat([cr, rr]), cfg.lr, cfg.weight_decay, cfg,
+                                       self.backend, (hi - lo) ** 2)  # fmt: skip
+                    sq += (loss if new_loss is None else new_loss) * len(cu)
                 loss = sq / n
             except BaseException:
                 if snap is not None:
@@ -309,27 +333,17 @@ class Recommender:
         fewer than k items are eligible, the tail holds id -1 (or "" for string ids) and score
         -inf."""
         ids = _as_ids(user_ids, "user_ids")
-        if not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError("k must be a positive int")
+        check_k(k)
         with self._lock:
             st = self.state
             q, b, idx = self._queries(ids)
-            sets = [st.seen[i] if (exclude_seen and i >= 0) else () for i in idx]
-            indptr = np.zeros(len(sets) + 1, dtype=np.int64)
-            np.cumsum([len(x) for x in sets], out=indptr[1:])
-            flat = np.fromiter(itertools.chain.from_iterable(sets), np.int64, int(indptr[-1]))
-            exclude = (torch.from_numpy(indptr), torch.from_numpy(flat))  # CSR
+            exclude = seen_csr([st.seen[i] if (exclude_seen and i >= 0) else () for i in idx])
             scores, top = kernels.score_topk(
                 q, st.item_rows.t, int(k), item_bias=online.rank_bias(st, self.config),
                 item_scale=float(st.scales[SCALE_ITEM]), exclude=exclude, backend=self.backend,
             )  # fmt: skip
             scores = scores + b[:, None] + float(st.mu)
-            item_ids = st.items.array()
-            pad: Any = -1 if item_ids.dtype != object else ""
-            out = np.full(top.shape, pad, dtype=item_ids.dtype)
-            valid = (top >= 0).numpy()
-            out[valid] = item_ids[top.numpy()[valid]]
-            return out, scores.numpy().astype(np.float32)
+            return external_ids(top, st.items.array()), scores.numpy().astype(np.float32)
 
     def predict(
         self, user_ids: Sequence[Id] | np.ndarray, item_ids: Sequence[Id] | np.ndarray

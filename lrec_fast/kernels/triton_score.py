@@ -24,8 +24,6 @@ import triton.language as tl
 
 from .reference import Exclude, check_score_args
 
-KEY_NONE = -(2**63)  # excluded or out-of-range items: below every real key
-
 
 @triton.jit
 def _keys(score, offs_n):
@@ -229,7 +227,7 @@ def scan_candidates(
     cfg: ScoreConfig,
 ) -> torch.Tensor:
     """Stage 1: int64 keys [B, n_prog, K_SEL], each program's best per query (K_SEL = kk
-    rounded up to a power of two; KEY_NONE where it saw fewer)."""
+    rounded up to a power of two; -2^63, below every real key, where it saw fewer)."""
     b, n = queries.shape[0], items.shape[0]
     d = items.shape[1]
     k_sel = triton.next_power_of_2(kk)
