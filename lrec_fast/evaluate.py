@@ -95,13 +95,16 @@ def rank_events(
     """For events (row a, true column c): the position of c in row a's ranking of the columns
     not banned (c always competes), and the number of such eligible columns. Ties go to the
     earlier column, as in ``recommend``: a model that scores many items alike (a popularity
-    count) gets no credit for the tie."""
-    sc = scores[rows]
+    count) gets no credit for the tie. A NaN score ranks below every number (a diverged model
+    must not score hits because NaN compares false)."""
+    sc = np.nan_to_num(scores[rows], nan=-np.inf)
     ok = ~banned[rows]
     ev = np.arange(len(rows))
     ok[ev, cols] = True
     target = sc[ev, cols][:, None]
     ahead = (sc > target) | ((sc == target) & (np.arange(sc.shape[1])[None, :] < cols[:, None]))
+    ahead |= np.isnan(scores[rows][ev, cols])[:, None]  # a NaN true item ranks last
+    ahead[ev, cols] = False
     return np.count_nonzero(ahead & ok, axis=1), np.count_nonzero(ok, axis=1)
 
 
@@ -301,7 +304,8 @@ def run_protocol(
 
     The rating-MF baselines are what a user would run without lrec_fast's learner: static,
     naive fine-tuning (plain SGD per micro-batch, no weight decay) and retraining from scratch,
-    none with the recency prior or replay; "lrec_fast" is ``Recommender()`` with its defaults."""
+    all ranking by predicted rating, none with the ranking head, the recency prior or replay
+    (``RATING_MF``); "lrec_fast" is ``Recommender()`` with its defaults."""
     from .baselines import Popularity, RecommenderModel, Retrain
 
     wanted = list(MODELS if models is None else models)
@@ -336,14 +340,14 @@ def run_protocol(
             built[name] = Popularity(item_ids, window=w, name=f"{name} ({w:,})")
             built[name].fit(sp.train)
         elif name == "static":
-            built[name] = RecommenderModel(fitted(prior_weight=0.0, replay_ratio=0.0), learn=False,
+            built[name] = RecommenderModel(fitted(**RATING_MF), learn=False,
                                            name=name)  # fmt: skip
         elif name == "naive fine-tune":
-            plain = fitted(weight_decay=0.0, prior_weight=0.0, replay_ratio=0.0)
+            plain = fitted(**RATING_MF | {"weight_decay": 0.0})
             built[name] = RecommenderModel(plain, learn=True, name=name)
         elif name == "retrain":
             label = f"retrain every {retrain_every:,}"
-            built[name] = Retrain(lambda: make(prior_weight=0.0, replay_ratio=0.0), sp.train,
+            built[name] = Retrain(lambda: make(**RATING_MF), sp.train,
                                   retrain_every,
                                   name=label)  # fmt: skip
         else:  # "lrec_fast": the Recommender's defaults, learning from every micro-batch
@@ -372,4 +376,5 @@ def run_protocol(
     return ProtocolResult(config, streams, before, after, seconds)
 
 
+RATING_MF: dict[str, Any] = {"rank_by": "rating", "prior_weight": 0.0, "replay_ratio": 0.0}
 MODELS = ("popularity", "recent popularity", "static", "naive fine-tune", "retrain", "lrec_fast")

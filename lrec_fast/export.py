@@ -5,8 +5,11 @@ nothing else:
 
     encoder.onnx          text encoder graph (lrec_fast.text.onnx_encoder), in ``precision``
     tables.safetensors    item rows (fp32 | fp16 | int8 + item_row_scale fp32 [N]), item_bias,
-                          item_rank_bias (item bias + the recency prior at export time),
-                          user_rows, user_bias, mu, proj (text -> [row | bias]), seen (CSR)
+                          user_rows, user_bias, mu: the rating model (predict);
+                          rank_rows (same precision, + rank_row_scale), item_rank_bias (with
+                          the recency prior at export time), ctx_rows, user_recent: what
+                          recommend scores (the ranking head, or the rating rows for
+                          rank_by="rating"); proj (text -> every item value), seen (CSR)
     ids.json              external user and item ids, in row order
     vocab.txt, tokenizer.json, tokenizer_config.json, special_tokens_map.json
     manifest.json         format + version, precision, dims, rating range, sha256 of each file
@@ -39,13 +42,13 @@ import numpy as np
 
 from ._io import fsync_dir
 from ._version import __version__
-from .model import IdMap
+from .model import IdMap, proj_slices
 from .text.onnx_encoder import PRECISIONS, OrtEncoder, export_encoder
 
 log = logging.getLogger(__name__)
 
 FORMAT = "lrec_fast.deployment"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the ranking head
 ENCODER_FILE, TABLES_FILE, IDS_FILE, MANIFEST_FILE = (
     "encoder.onnx", "tables.safetensors", "ids.json", "manifest.json")  # fmt: skip
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
@@ -64,19 +67,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _item_table(rows: np.ndarray, precision: str) -> dict[str, np.ndarray]:
-    """The item rows as stored for ``precision`` (int8: the kernels' quantised catalogue,
-    ``reference.quantize_rows``)."""
+def _item_table(rows: np.ndarray, precision: str, name: str = "item") -> dict[str, np.ndarray]:
+    """Item rows as stored for ``precision``: ``{name}_rows`` (+ ``{name}_row_scale`` for int8,
+    the kernels' quantised catalogue, ``reference.quantize_rows``)."""
     if precision == "fp16":
-        return {"item_rows": rows.astype(np.float16)}
+        return {f"{name}_rows": rows.astype(np.float16)}
     if precision == "int8":
         import torch
 
         from .kernels.reference import quantize_rows
 
         q, scale = quantize_rows(torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)))
-        return {"item_rows": q.numpy(), "item_row_scale": scale.numpy()}
-    return {"item_rows": rows.astype(np.float32)}
+        return {f"{name}_rows": q.numpy(), f"{name}_row_scale": scale.numpy()}
+    return {f"{name}_rows": rows.astype(np.float32)}
 
 
 def export(
@@ -150,12 +153,17 @@ def _serving_state(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
     from . import online
 
-    st = rec.state
+    st, cfg = rec.state, rec.config
     seen = st.tensors()
+    softmax = cfg.rank_by == "softmax"
+    rank_rows = st.tgt_rows.t if softmax else st.true_item_rows()
     tensors = {
         **_item_table(st.true_item_rows().numpy(), precision),
         "item_bias": st.true_item_bias().numpy().astype(np.float32),
-        "item_rank_bias": online.rank_bias(st, rec.config).numpy().astype(np.float32),
+        **_item_table(rank_rows.numpy(), precision, "rank"),
+        "item_rank_bias": online.rank_bias(st, cfg).numpy().astype(np.float32),
+        "ctx_rows": st.ctx_rows.t.numpy().astype(np.float32),
+        "user_recent": st.user_recent.t.numpy(),
         "user_rows": st.true_user_rows().numpy().astype(np.float32),
         "user_bias": st.true_user_bias().numpy().astype(np.float32),
         "mu": st.mu.numpy().astype(np.float64),
@@ -167,7 +175,8 @@ def _serving_state(
     ids = {"users": list(st.users.ids), "items": list(st.items.ids)}
     meta = {"dim": st.dim, "text_dim": st.text_dim, "n_users": len(st.users),
             "n_items": len(st.items), "rating_range": list(rec.rating_range),
-            "proj_fitted": bool(st.proj_fitted)}  # fmt: skip
+            "proj_fitted": bool(st.proj_fitted), "rank_by": cfg.rank_by,
+            "history_len": st.history_len, "history_decay": cfg.history_decay}  # fmt: skip
     return tensors, ids, meta
 
 
@@ -221,7 +230,11 @@ class Deployment:
         self._users, self._items = IdMap(ids["users"]), IdMap(ids["items"])
         self.item_rows, self.item_row_scale = t["item_rows"], t.get("item_row_scale")
         self.item_bias, self.user_rows = t["item_bias"], t["user_rows"]
-        self.item_rank_bias = t["item_rank_bias"]  # item bias + recency prior, for ranking
+        # what recommend scores: rows (+ int8 scales) and the item term with the recency prior
+        self.rank_rows, self.rank_row_scale = t["rank_rows"], t.get("rank_row_scale")
+        self.item_rank_bias = t["item_rank_bias"]
+        self.ctx_rows, self.user_recent = t["ctx_rows"], t["user_recent"]
+        self.rank_by: str = self.manifest["rank_by"]
         self.user_bias = t["user_bias"]
         self.mu = float(t["mu"][0])
         self.proj = t["proj"]
@@ -260,6 +273,24 @@ class Deployment:
         b = np.where(known, self.user_bias[rows], self._mean_bias)
         return q.astype(np.float32), b.astype(np.float32), idx
 
+    def _rank_queries(self, user_ids: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Ranking queries [B, d] and score offsets [B] (as ``Recommender._ranking``)."""
+        if self.rank_by == "rating":
+            q, b, idx = self._queries(user_ids)
+            return q, b + np.float32(self.mu), idx
+        import torch
+
+        from .ranking import PAD, fold_in
+
+        idx = [self._users.index.get(u, -1) for u in user_ids]
+        rows = np.asarray(idx, dtype=np.int64)
+        hist = np.full((len(idx), self.user_recent.shape[1]), PAD, dtype=np.int64)
+        hist[rows >= 0] = self.user_recent[rows[rows >= 0]]
+        decay = float(self.manifest["history_decay"])
+        w = decay ** torch.arange(hist.shape[1], dtype=torch.float32)
+        rq = fold_in(torch.from_numpy(self.ctx_rows), torch.from_numpy(hist), w)
+        return rq.numpy(), np.zeros(len(idx), np.float32), idx
+
     def recommend(
         self, user_ids: Sequence[Any], k: int = 10, exclude_seen: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -272,15 +303,15 @@ class Deployment:
         ids = _as_ids(user_ids, "user_ids")
         check_k(k)
         with self._lock:
-            q, b, idx = self._queries(ids)
+            q, offset, idx = self._rank_queries(ids)
             excl = seen_csr([self._seen[i] if (exclude_seen and i >= 0) else () for i in idx])
-            rs = self.item_row_scale
+            rs = self.rank_row_scale
             scores, top = kernels.score_topk(
-                torch.from_numpy(q), torch.from_numpy(self.item_rows), int(k),
+                torch.from_numpy(q), torch.from_numpy(self.rank_rows), int(k),
                 item_bias=torch.from_numpy(self.item_rank_bias), exclude=excl,
                 row_scale=torch.from_numpy(rs) if rs is not None else None,
             )  # fmt: skip
-            scores = scores.numpy() + b[:, None] + self.mu
+            scores = scores.numpy() + offset[:, None]
             return external_ids(top, self._items.array()), scores.astype(np.float32)
 
     def predict(self, user_ids: Sequence[Any], item_ids: Sequence[Any]) -> np.ndarray:
@@ -314,18 +345,20 @@ class Deployment:
         if not self.manifest.get("proj_fitted", False):
             raise ValueError("this deployment's model had no fitted text projection")
         emb = self.encoder.encode(list(texts))  # validates the texts
-        out = emb @ self.proj.T  # [n, dim + 1]
-        rows, bias = out[:, :-1], out[:, -1].astype(np.float32)
+        out = (emb @ self.proj.T).astype(np.float32)
+        v = {k: out[:, sl] for k, sl in proj_slices(int(self.manifest["dim"])).items()}
+        rank = ("tgt_rows", "tgt_bias") if self.rank_by == "softmax" else ("item_rows",
+                                                                          "item_bias")  # fmt: skip
+        new = {**_item_table(v["item_rows"], self.precision),
+               **_item_table(v[rank[0]], self.precision, "rank"),
+               "item_bias": v["item_bias"][:, 0], "item_rank_bias": v[rank[1]][:, 0],
+               "ctx_rows": v["ctx_rows"]}  # no events yet: no recency prior  # fmt: skip
         with self._lock:
             known = [j for j in ids if j in self._items]
             if known:
                 raise ValueError(f"items already in the catalogue: {known[:5]}")
-            new = _item_table(rows, self.precision)
-            self.item_rows = np.concatenate([self.item_rows, new["item_rows"]])
-            if self.item_row_scale is not None:
-                self.item_row_scale = np.concatenate([self.item_row_scale, new["item_row_scale"]])
-            self.item_bias = np.concatenate([self.item_bias, bias])
-            self.item_rank_bias = np.concatenate([self.item_rank_bias, bias])  # no events yet
+            for name, part in new.items():
+                setattr(self, name, np.concatenate([getattr(self, name), part]))
             for j in ids:
                 self._items.add(j)
 

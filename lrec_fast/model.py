@@ -3,6 +3,8 @@ id maps; and its checkpoint format (safetensors + JSON, written atomically, neve
 
 Score of user i for item j (DESIGN.md):  y_hat = mu + b_u[i] + b_v[j] + <U[i], V[j]>,
 where each of U, V, b_u, b_v is stored as ``scale * raw`` (``scales``, float64 [4]).
+The ranking head (``ranking.py``) has its own item tables (context rows C, target rows T and
+biases t_b, with row-wise Adagrad accumulators) and each user's last ``history_len`` items.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from ._io import fsync_dir
 from .kernels.reference import SCALE_ITEM, SCALE_ITEM_BIAS, SCALE_USER, SCALE_USER_BIAS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the ranking head (ranking.py)
 TENSORS_FILE, STATE_FILE = "model.safetensors", "state.json"
 
 Id = int | str
@@ -89,12 +91,22 @@ class IdMap:
         return self.index[key]
 
 
+def proj_slices(dim: int) -> dict[str, slice]:
+    """The layout of the text projection's outputs for latent size ``dim``: rating rows and
+    bias, ranking target rows and bias, ranking context rows."""
+    d = dim
+    return {"item_rows": slice(0, d), "item_bias": slice(d, d + 1),
+            "tgt_rows": slice(d + 1, 2 * d + 1), "tgt_bias": slice(2 * d + 1, 2 * d + 2),
+            "ctx_rows": slice(2 * d + 2, 3 * d + 2)}  # fmt: skip
+
+
 @dataclass
 class ModelState:
     """All learned numbers of a Recommender. Row i of the user tables is user ``users.ids[i]``."""
 
     dim: int
     text_dim: int
+    history_len: int = 20
     users: IdMap = field(default_factory=IdMap)
     items: IdMap = field(default_factory=IdMap)
     user_rows: Rows = field(init=False)
@@ -114,10 +126,22 @@ class ModelState:
     replay_users: Rows = field(init=False)
     replay_items: Rows = field(init=False)
     replay_ratings: Rows = field(init=False)
+    replay_hist: Rows = field(init=False)  # the ranking history each replayed event saw
     replay_seen: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.int64))
     scales: torch.Tensor = field(default_factory=lambda: torch.ones(4, dtype=torch.float64))
     mu: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.float64))
-    # Text projection: [V row | b_v] ~= proj @ e_j, float32 [dim + 1, text_dim].
+    # Ranking head: context rows C, target rows T, target bias t_b (float32, true values, no
+    # decay), their row-wise Adagrad sums; user_recent = each user's last history_len item
+    # rows, newest first, -1 = empty (int64 [n_users, history_len]).
+    ctx_rows: Rows = field(init=False)
+    tgt_rows: Rows = field(init=False)
+    tgt_bias: Rows = field(init=False)
+    ctx_acc: Rows = field(init=False)
+    tgt_acc: Rows = field(init=False)
+    tgt_bias_acc: Rows = field(init=False)
+    user_recent: Rows = field(init=False)
+    # Text projection: [V row | b_v | T row | t_b | C row] ~= proj @ e_j,
+    # float32 [3 dim + 2, text_dim] (the layout: ``proj_slices``).
     proj: torch.Tensor = field(init=False)
     proj_fitted: bool = False
     seen: list[set[int]] = field(default_factory=list)  # item rows each user interacted with
@@ -133,7 +157,17 @@ class ModelState:
         self.replay_users = Rows(None, torch.int64)
         self.replay_items = Rows(None, torch.int64)
         self.replay_ratings = Rows(None, torch.float32)
-        self.proj = torch.zeros(self.dim + 1, self.text_dim)
+        self.replay_hist = Rows(self.history_len, torch.int64)
+        for name in ("ctx_rows", "tgt_rows"):
+            setattr(self, name, Rows(self.dim))
+        for name in ("tgt_bias", "ctx_acc", "tgt_acc", "tgt_bias_acc"):
+            setattr(self, name, Rows(None))
+        self.user_recent = Rows(self.history_len, torch.int64)
+        self.proj = torch.zeros(3 * self.dim + 2, self.text_dim)
+
+    def proj_slices(self) -> dict[str, slice]:
+        """Which output rows of ``proj`` predict what (true values)."""
+        return proj_slices(self.dim)
 
     # -- views of the true (decayed) values -------------------------------------------------
     def true_user_rows(self) -> torch.Tensor:
@@ -163,10 +197,12 @@ class ModelState:
                 rows.t.mul_(s)
                 self.scales[k] = 1.0
 
-    def set_items(self, idx: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor) -> None:
-        """Overwrite items ``idx`` with TRUE rows [n, dim] and biases [n]."""
-        self.item_rows.t[idx] = rows / float(self.scales[SCALE_ITEM])
-        self.item_bias.t[idx] = bias / float(self.scales[SCALE_ITEM_BIAS])
+    def set_items(self, idx: torch.Tensor, rows: dict[str, torch.Tensor]) -> None:
+        """Overwrite items ``idx`` with TRUE values ``rows`` (keys of ``proj_slices``)."""
+        self.item_rows.t[idx] = rows["item_rows"] / float(self.scales[SCALE_ITEM])
+        self.item_bias.t[idx] = rows["item_bias"] / float(self.scales[SCALE_ITEM_BIAS])
+        for name in ("tgt_rows", "tgt_bias", "ctx_rows"):
+            getattr(self, name).t[idx] = rows[name]
 
     # -- growth --------------------------------------------------------------------------
     def add_users(self, ids: list[Id], rows: torch.Tensor, bias: torch.Tensor) -> None:
@@ -176,17 +212,24 @@ class ModelState:
             self.seen.append(set())
         self.user_rows.append(rows / float(self.scales[SCALE_USER]))
         self.user_bias.append(bias / float(self.scales[SCALE_USER_BIAS]))
+        self.user_recent.append(torch.full((len(ids), self.history_len), -1, dtype=torch.int64))
 
-    def add_items(self, ids: list[Id], rows: torch.Tensor, bias: torch.Tensor,
+    def add_items(self, ids: list[Id], rows: dict[str, torch.Tensor],
                   text_emb: torch.Tensor) -> None:  # fmt: skip
-        """Append items with the given TRUE rows [n, dim], biases [n], embeddings [n, text_dim]."""
+        """Append items with their TRUE starting values ``rows`` (keys of ``proj_slices``:
+        [n, dim] rows, [n] biases) and text embeddings [n, text_dim]."""
         for i in ids:
             self.items.add(i)
-        self.item_rows.append(rows / float(self.scales[SCALE_ITEM]))
-        self.item_bias.append(bias / float(self.scales[SCALE_ITEM_BIAS]))
+        n = len(ids)
+        self.item_rows.append(rows["item_rows"] / float(self.scales[SCALE_ITEM]))
+        self.item_bias.append(rows["item_bias"] / float(self.scales[SCALE_ITEM_BIAS]))
+        for name in ("tgt_rows", "tgt_bias", "ctx_rows"):
+            getattr(self, name).append(rows[name])
+        for name in ("ctx_acc", "tgt_acc", "tgt_bias_acc"):
+            getattr(self, name).append(torch.zeros(n))
         self.item_text.append(text_emb)
-        self.item_count.append(torch.zeros(len(ids), dtype=torch.int64))
-        self.item_recent.append(torch.zeros(len(ids), dtype=torch.float64))
+        self.item_count.append(torch.zeros(n, dtype=torch.int64))
+        self.item_recent.append(torch.zeros(n, dtype=torch.float64))
 
     # -- snapshots (rollback) --------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -201,25 +244,31 @@ class ModelState:
             "item_recent": self.item_recent.t, "recent_scale": self.recent_scale,
             "replay_users": self.replay_users.t, "replay_items": self.replay_items.t,
             "replay_ratings": self.replay_ratings.t, "replay_seen": self.replay_seen,
+            "replay_hist": self.replay_hist.t, "ctx_rows": self.ctx_rows.t,
+            "tgt_rows": self.tgt_rows.t, "tgt_bias": self.tgt_bias.t, "ctx_acc": self.ctx_acc.t,
+            "tgt_acc": self.tgt_acc.t, "tgt_bias_acc": self.tgt_bias_acc.t,
+            "user_recent": self.user_recent.t,
             "scales": self.scales, "mu": self.mu, "proj": self.proj,
             "seen_indptr": torch.from_numpy(indptr),
             "seen_indices": torch.tensor(flat, dtype=torch.int64),
         }  # fmt: skip
 
+    ROW_TABLES = ("user_rows", "item_rows", "user_bias", "item_bias", "item_text", "item_count",
+                  "item_recent", "replay_users", "replay_items", "replay_ratings", "replay_hist",
+                  "ctx_rows", "tgt_rows", "tgt_bias", "ctx_acc", "tgt_acc", "tgt_bias_acc",
+                  "user_recent")  # fmt: skip
+
     def load_tensors(self, t: dict[str, torch.Tensor]) -> None:
-        for name in ("user_rows", "item_rows", "user_bias", "item_bias", "item_text",
-                     "item_count"):  # fmt: skip
+        missing = [k for k in (*self.ROW_TABLES, "recent_scale", "replay_seen") if k not in t]
+        if missing:
+            raise ValueError(f"checkpoint lacks tensors {missing[:4]}")
+        if t["user_recent"].shape[1:] != (self.history_len,):
+            raise ValueError(f"user histories of length {tuple(t['user_recent'].shape[1:])}, "
+                             f"expected {self.history_len}")  # fmt: skip
+        for name in self.ROW_TABLES:
             getattr(self, name).set(t[name].clone())
-        # checkpoints from before the recency prior: no counts yet
-        self.item_recent.set(t["item_recent"].clone() if "item_recent" in t
-                             else torch.zeros(self.item_count.n, dtype=torch.float64))  # fmt: skip
-        self.recent_scale = (t["recent_scale"].clone() if "recent_scale" in t
-                             else torch.ones(1, dtype=torch.float64))  # fmt: skip
-        for name, dtype in (("replay_users", torch.int64), ("replay_items", torch.int64),
-                            ("replay_ratings", torch.float32)):  # fmt: skip
-            getattr(self, name).set(t[name].clone() if name in t else torch.zeros(0, dtype=dtype))
-        self.replay_seen = (t["replay_seen"].clone() if "replay_seen" in t
-                            else torch.zeros(1, dtype=torch.int64))  # fmt: skip
+        self.recent_scale = t["recent_scale"].clone()
+        self.replay_seen = t["replay_seen"].clone()
         self.scales = t["scales"].clone().to(torch.float64)
         self.mu = t["mu"].clone().to(torch.float64)
         self.proj = t["proj"].clone()
@@ -247,9 +296,11 @@ class ModelState:
             del self.items.index[key]
         del self.users.ids[nu:], self.items.ids[ni:], self.seen[nu:]
         self.users._array = self.items._array = None
-        self.user_rows.n = self.user_bias.n = nu
-        self.item_rows.n = self.item_bias.n = self.item_text.n = self.item_count.n = ni
-        self.item_recent.n = ni
+        self.user_rows.n = self.user_bias.n = self.user_recent.n = nu
+        for name in ("item_rows", "item_bias", "item_text", "item_count", "item_recent",
+                     "ctx_rows", "tgt_rows", "tgt_bias", "ctx_acc", "tgt_acc",
+                     "tgt_bias_acc"):  # fmt: skip
+            getattr(self, name).n = ni
 
     def restore(self, snap: dict[str, Any]) -> None:
         self.users, self.items = IdMap(snap["users"]), IdMap(snap["items"])
@@ -273,6 +324,7 @@ def save_state(directory: str | Path, state: ModelState, config: dict[str, Any])
             "config": config,
             "dim": state.dim,
             "text_dim": state.text_dim,
+            "history_len": state.history_len,
             "users": state.users.ids,
             "items": state.items.ids,
             "proj_fitted": state.proj_fitted,
@@ -308,7 +360,9 @@ def load_state(directory: str | Path) -> tuple[ModelState, dict[str, Any]]:
             f"checkpoint format {meta.get('format_version')} is not supported "
             f"(this lrec_fast reads {FORMAT_VERSION})"
         )
-    state = ModelState(dim=int(meta["dim"]), text_dim=int(meta["text_dim"]))
+    state = ModelState(
+        dim=int(meta["dim"]), text_dim=int(meta["text_dim"]), history_len=int(meta["history_len"])
+    )
     state.load_tensors(load_file(str(folder / TENSORS_FILE)))
     state.users, state.items = IdMap(meta["users"]), IdMap(meta["items"])
     state.proj_fitted = bool(meta["proj_fitted"])

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import kernels, online
+from . import kernels, online, ranking
 from .kernels.reference import SCALE_ITEM, SCALE_USER, SCALE_USER_BIAS
 from .model import Id, ModelState, load_state, save_state
 from .online import FitReport, LearnerConfig
@@ -115,7 +115,7 @@ class Recommender:
         self._cache_dir = cache_dir
         self.rating_range = (float(rating_range[0]), float(rating_range[1]))
         text_dim = encoder.dim if isinstance(encoder, TextEncoder) else self._text_dim_of(encoder)
-        self.state = ModelState(dim=dim, text_dim=text_dim)
+        self.state = ModelState(dim=dim, text_dim=text_dim, history_len=self.config.history_len)
         self._rng = torch.Generator().manual_seed(self.config.seed)
         self._lock = threading.RLock()
         log.info("Recommender: backend %s, dim %d", self._backend.name, dim)
@@ -170,12 +170,13 @@ class Recommender:
 
     def _append_items(self, ids: list[Id], emb: torch.Tensor) -> None:
         if self.state.proj_fitted:
-            rows, bias = online.text_prior(self.state, emb)
+            rows = online.text_prior(self.state, emb)
         else:
-            rows = torch.randn(len(ids), self.state.dim, generator=self._rng)
-            rows *= self.config.init_std
-            bias = torch.zeros(len(ids))
-        self.state.add_items(ids, rows, bias, emb)
+            n, d, std = len(ids), self.state.dim, self.config.init_std
+            rows = {k: torch.randn(n, d, generator=self._rng) * std
+                    for k in ("item_rows", "tgt_rows", "ctx_rows")}  # fmt: skip
+            rows |= {"item_bias": torch.zeros(n), "tgt_bias": torch.zeros(n)}
+        self.state.add_items(ids, rows, emb)
 
     def _append_users(self, ids: list[Id]) -> None:
         """New users start at the mean known user (the cold-start answer), or small random
@@ -226,6 +227,11 @@ class Recommender:
                 ui, ii = self._index(u, i)
                 report = online.fit(self.state, ui, ii, r, self.config, self.backend,
                                     self.rating_range)  # fmt: skip
+                hist = ranking.histories(self.state, ui, ii)
+                if self.config.rank_by == "softmax":
+                    report.rank_best_epoch, report.rank_val_loss = ranking.fit(
+                        self.state, hist, ii, self.config, self._rng)  # fmt: skip
+                online.reservoir_add(self.state, ui, ii, r, hist, self.config)
                 self._refresh_text_priors()
             except BaseException:
                 self.state.restore(snap)
@@ -239,8 +245,8 @@ class Recommender:
         if online.refit_projection(self.state, self.config):
             cold = torch.nonzero(self.state.item_count.t == 0).flatten()
             if cold.numel():
-                rows, bias = online.text_prior(self.state, self.state.item_text.t[cold])
-                self.state.set_items(cold, rows, bias)
+                prior = online.text_prior(self.state, self.state.item_text.t[cold])
+                self.state.set_items(cold, prior)
 
     def feedback(
         self, users: Any, items: Any, ratings: Any, *, texts: Mapping[Id, str] | None = None
@@ -255,35 +261,46 @@ class Recommender:
             if new_items:
                 assert texts is not None
                 emb = torch.from_numpy(self.encoder.encode([texts[j] for j in new_items]))
-            cfg = self.config
+            cfg, st = self.config, self.state
             n = len(u)
             chunk = cfg.lr_batch if 0 < cfg.lr_batch < n else n
-            # one step restores its own rows on divergence; several need the whole state back
-            mark, snap = self.state.mark(), (self.state.snapshot() if chunk < n else None)
+            # one chunk: each step can take itself back (undo); several need a whole snapshot
+            mark, snap = st.mark(), (st.snapshot() if chunk < n else None)
+            undo: list[Any] = []
             try:
                 if emb is not None:
                     self._append_items(new_items, emb)
                 ui, ii = self._index(u, i)
+                touched = ui.unique()
+                recent = st.user_recent.t[touched].clone()
+                undo.append(lambda: st.user_recent.t.index_copy_(0, touched, recent))
+                hist = ranking.histories(st, ui, ii)
                 lo, hi = self.rating_range
                 sq = 0.0
                 for s in range(0, n, chunk):
-                    cu, ci, cr = ui[s : s + chunk], ii[s : s + chunk], r[s : s + chunk]
-                    ru, ri, rr = online.replay_sample(self.state, len(cu), cfg)
+                    sl = slice(s, s + chunk)
+                    cu, ci, cr, ch = ui[sl], ii[sl], r[sl], hist[sl]
+                    ru, ri, rr, rh = online.replay_sample(st, len(cu), cfg)
                     # the step's own loss covers the replayed events too: the new ones' apart
-                    new_loss = online.mse(self.state, cu, ci, cr) if ru.numel() else None
-                    loss = online.step(self.state, torch.cat([cu, ru]), torch.cat([ci, ri]),
+                    new_loss = online.mse(st, cu, ci, cr) if ru.numel() else None
+                    loss = online.step(st, torch.cat([cu, ru]), torch.cat([ci, ri]),
                                        torch.cat([cr, rr]), cfg.lr, cfg.weight_decay, cfg,
-                                       self.backend, (hi - lo) ** 2)  # fmt: skip
+                                       self.backend, (hi - lo) ** 2, undo)  # fmt: skip
+                    if cfg.rank_by == "softmax":
+                        ranking.step(st, torch.cat([ch, rh]), torch.cat([ci, ri]), cfg.rank_lr,
+                                     cfg, self._rng, undo)  # fmt: skip
                     sq += (loss if new_loss is None else new_loss) * len(cu)
                 loss = sq / n
             except BaseException:
                 if snap is not None:
-                    self.state.restore(snap)
+                    st.restore(snap)
                 else:
-                    self.state.truncate(mark)  # step() already restored the touched rows
+                    for fn in reversed(undo):
+                        fn()
+                    st.truncate(mark)
                 raise
-            online.count_events(self.state, ii, self.config)
-            online.reservoir_add(self.state, ui, ii, r, self.config)
+            online.count_events(st, ii, cfg)
+            online.reservoir_add(st, ui, ii, r, hist, cfg)
             for a, b in zip(ui.tolist(), ii.tolist(), strict=True):
                 self.state.seen[a].add(b)
             return loss
@@ -314,15 +331,28 @@ class Recommender:
             s = q @ v.T + self.state.true_item_bias()[None, :] + b[:, None] + float(self.state.mu)
             return s.numpy()
 
+    def _ranking(self, ids: list[Id]) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor,
+                                               torch.Tensor, list[int]]:  # fmt: skip
+        """What ``recommend`` scores with: queries [B, d], raw item rows, their scale, the item
+        term [n_items], per-query offsets [B] and the user rows (-1 = unknown)."""
+        st = self.state
+        if self.config.rank_by == "softmax":
+            idx = [st.users.index.get(x, -1) for x in ids]
+            q = ranking.queries(st, torch.tensor(idx, dtype=torch.int64), self.config)
+            offset = torch.zeros(len(ids))
+            return q, st.tgt_rows.t, 1.0, online.rank_bias(st, self.config), offset, idx
+        q, b, idx = self._queries(ids)
+        return (q, st.item_rows.t, float(st.scales[SCALE_ITEM]), online.rank_bias(st, self.config),
+                b + float(st.mu), idx)  # fmt: skip
+
     def rank_all(self, user_ids: Sequence[Id] | np.ndarray) -> np.ndarray:
-        """The ranking scores ``recommend`` orders by, float32 [B, n_items]: predicted rating
-        plus the recency prior (``LearnerConfig.prior_weight``)."""
+        """The ranking scores ``recommend`` orders by, float32 [B, n_items]: the ranking head's
+        score (``rank_by="softmax"``, the default) or the predicted rating ("rating"), plus the
+        recency prior (``LearnerConfig.prior_weight``)."""
         ids = _as_ids(user_ids, "user_ids")
         with self._lock:
-            q, b, _ = self._queries(ids)
-            v = self.state.true_item_rows()
-            rb = online.rank_bias(self.state, self.config)
-            return (q @ v.T + rb[None, :] + b[:, None] + float(self.state.mu)).numpy()
+            q, v, scale, rb, offset, _ = self._ranking(ids)
+            return ((q @ v.T) * scale + rb[None, :] + offset[:, None]).numpy()
 
     def recommend(
         self, user_ids: Sequence[Id] | np.ndarray, k: int = 10, exclude_seen: bool = True
@@ -336,13 +366,11 @@ class Recommender:
         check_k(k)
         with self._lock:
             st = self.state
-            q, b, idx = self._queries(ids)
+            q, v, scale, rb, offset, idx = self._ranking(ids)
             exclude = seen_csr([st.seen[i] if (exclude_seen and i >= 0) else () for i in idx])
-            scores, top = kernels.score_topk(
-                q, st.item_rows.t, int(k), item_bias=online.rank_bias(st, self.config),
-                item_scale=float(st.scales[SCALE_ITEM]), exclude=exclude, backend=self.backend,
-            )  # fmt: skip
-            scores = scores + b[:, None] + float(st.mu)
+            scores, top = kernels.score_topk(q, v, int(k), item_bias=rb, item_scale=scale,
+                                             exclude=exclude, backend=self.backend)  # fmt: skip
+            scores = scores + offset[:, None]
             return external_ids(top, st.items.array()), scores.numpy().astype(np.float32)
 
     def predict(

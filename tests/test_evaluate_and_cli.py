@@ -142,6 +142,12 @@ def test_popularity_baselines_against_counting(stream):
     ranks, eligible = rank_events(np.zeros((1, 5)), np.zeros((1, 5), bool), np.zeros(3, int),
                                   np.array([0, 2, 4]))  # fmt: skip
     assert ranks.tolist() == [0, 2, 4] and eligible.tolist() == [5, 5, 5]
+    # NaN never scores a hit: a NaN true item ranks last, NaN rivals rank below numbers
+    nan = np.float32("nan")
+    sc = np.array([[nan, nan, nan, nan, nan], [nan, 1.0, nan, 0.5, nan]], dtype=np.float32)
+    ranks, _ = rank_events(sc, np.zeros((2, 5), bool), np.array([0, 1, 1, 1]),
+                           np.array([0, 0, 1, 3]))  # fmt: skip
+    assert ranks.tolist() == [4, 4, 0, 1]
     assert np.isnan(pop.predict([1], [items[0]])).all()
 
 

@@ -146,13 +146,22 @@ def test_add_items_through_the_onnx_encoder(trained, deployed, torch_encoder, pr
     # the torch runtime with the same projection gives the same predictions for new items
     emb = torch.from_numpy(torch_encoder.encode(texts))
     out = emb @ trained.state.proj.T
+    sl = trained.state.proj_slices()
     users = list(trained.state.users.ids)[:50]
     q, b, _ = trained._queries(users)
-    want = (q @ out[:, :-1].T + out[:, -1] + b[:, None] + float(trained.state.mu)).numpy()
+    want = (q @ out[:, sl["item_rows"]].T + out[:, sl["item_bias"]].T + b[:, None]
+            + float(trained.state.mu)).numpy()  # fmt: skip
     got = np.stack([dep.predict(users, [j] * len(users)) for j in ids], axis=1)
     np.testing.assert_allclose(got, want, atol=1e-3 if precision == "fp32" else 0.1)
-    top, _ = dep.recommend(users, dep.n_items, exclude_seen=False)
+    # and the same ranking scores: the ranking head's text prior
+    qr, _, _, _, _, _ = trained._ranking(users)
+    want = (qr @ out[:, sl["tgt_rows"]].T + out[:, sl["tgt_bias"]].T).numpy()
+    top, scores = dep.recommend(users, dep.n_items, exclude_seen=False)
     assert set(ids) <= set(top[0].tolist())
+    for a in range(len(users)):
+        for c, j in enumerate(ids):
+            pos = top[a].tolist().index(j)
+            assert abs(scores[a, pos] - want[a, c]) < (1e-3 if precision == "fp32" else 0.1)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])

@@ -24,12 +24,29 @@ def test_fit_recommend_predict(fitted, stream):
     for u, row in zip([0, 1, 2], items, strict=True):
         seen = {fitted.state.items.ids[j] for j in fitted.state.seen[fitted.state.users.index[u]]}
         assert not seen & set(row.tolist())
-    # recommend's scores are the predicted ratings of the items it returns plus their prior
-    p = fitted.predict([0] * 5, items[0].tolist())
-    cols = [fitted.state.items.index[j] for j in items[0].tolist()]
-    prior = fitted.config.prior_weight * np.log1p(fitted.state.recent_counts().numpy()[cols])
-    np.testing.assert_allclose(p + prior, scores[0], rtol=1e-5, atol=1e-5)
+    # recommend's scores are the ranking head's (fold-in query . target row + target bias)
+    # plus the recency prior, as rank_all says
+    st = fitted.state
+    cols = [st.items.index[j] for j in items[0].tolist()]
+    prior = fitted.config.prior_weight * np.log1p(st.recent_counts().numpy()[cols])
+    hist = st.user_recent.t[st.users.index[0]]
+    w = fitted.config.history_decay ** torch.arange(hist.numel()).float() * (hist >= 0)
+    assert w.sum() > 0
+    q = (st.ctx_rows.t[hist.clamp_min(0)] * w[:, None]).sum(0) / w.sum()
+    want = st.tgt_rows.t[cols] @ q + st.tgt_bias.t[cols]
+    np.testing.assert_allclose(want.numpy() + prior, scores[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(fitted.rank_all([0])[0][cols], scores[0], rtol=1e-5, atol=1e-5)
+    # rank_by="rating": the predicted ratings plus the prior
+    fitted.config.rank_by = "rating"
+    try:
+        items, scores = fitted.recommend([0], k=5)
+        p = fitted.predict([0] * 5, items[0].tolist())
+        cols = [st.items.index[j] for j in items[0].tolist()]
+        prior = fitted.config.prior_weight * np.log1p(st.recent_counts().numpy()[cols])
+        np.testing.assert_allclose(p + prior, scores[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(fitted.rank_all([0])[0][cols], scores[0], rtol=1e-5, atol=1e-5)
+    finally:
+        fitted.config.rank_by = "softmax"
     # and agree with the reference predict on the raw state
     st = fitted.state
     ref = ref_predict(st.user_rows.t, st.item_rows.t, st.user_bias.t, st.item_bias.t, st.scales,
@@ -48,25 +65,44 @@ def test_feedback_moves_predictions_toward_ratings(fitted):
     assert abs(after - target) < abs(before - target)
 
 
-def test_cold_user_gets_mean_user_answer(fitted):
+def test_cold_user_answers(fitted):
+    """An unknown user ranks by the item term alone (learned bias + recency prior); after one
+    feedback call the answer is folded in from the items just rated, before any other step."""
     items, _scores = fitted.recommend(["nobody"], k=3)
     st = fitted.state
-    q = st.true_user_rows().mean(0)
-    full = st.true_item_rows() @ q + online.rank_bias(st, fitted.config)
-    assert items[0].tolist() == [st.items.ids[j] for j in torch.argsort(-full)[:3].tolist()]
-    # a new user in feedback is added and immediately personalised
+    full = online.rank_bias(st, fitted.config)
+    assert items[0].tolist() == [st.items.ids[j] for j in torch.argsort(-full, stable=True)[:3]]
     fitted.feedback(["newbie", "newbie"], [1, 2], [5.0, 5.0])
     assert "newbie" in fitted.state.users
+    assert st.user_recent.t[st.users.index["newbie"], :3].tolist() == [
+        st.items.index[2],
+        st.items.index[1],
+        -1,
+    ]  # newest first
+    got = fitted.rank_all(["newbie"])[0]
+    assert not np.allclose(got, fitted.rank_all(["nobody"])[0])
     assert not {1, 2} & set(fitted.recommend(["newbie"], k=10)[0][0].tolist())
+    # rank_by="rating": an unknown user is the mean known user
+    fitted.config.rank_by = "rating"
+    try:
+        q = st.true_user_rows().mean(0)
+        full = st.true_item_rows() @ q + online.rank_bias(st, fitted.config)
+        items, _ = fitted.recommend(["nobody"], k=3)
+        assert items[0].tolist() == [st.items.ids[j] for j in torch.argsort(-full)[:3].tolist()]
+    finally:
+        fitted.config.rank_by = "softmax"
 
 
 def test_new_items_from_text(fitted):
     fitted.add_items(["fresh-1"], ["Brand new 1 | space, war"])
     st = fitted.state
     j = st.items.index["fresh-1"]
-    rows, bias = st.true_item_rows()[j], st.true_item_bias()[j]
     expect = st.proj @ st.item_text.t[j]
-    torch.testing.assert_close(torch.cat([rows, bias[None]]), expect, rtol=1e-5, atol=1e-6)
+    got = {"item_rows": st.true_item_rows()[j], "item_bias": st.true_item_bias()[j, None],
+           "tgt_rows": st.tgt_rows.t[j], "tgt_bias": st.tgt_bias.t[j, None],
+           "ctx_rows": st.ctx_rows.t[j]}  # fmt: skip
+    for name, sl in st.proj_slices().items():
+        torch.testing.assert_close(got[name], expect[sl], rtol=1e-5, atol=1e-6)
     items, _ = fitted.recommend([0], k=fitted.n_items)
     assert "fresh-1" in items[0].tolist()  # recommendable before anyone rated it
     # unknown items in feedback come with their text
@@ -327,17 +363,19 @@ def test_replay_reservoir_is_a_uniform_deterministic_sample():
             st = ModelState(dim=2, text_dim=2)
             for s in range(0, 10_000, 300):  # ragged calls, time order
                 idx = torch.arange(s, min(s + 300, 10_000))
-                online.reservoir_add(st, idx, idx + 1, idx.float() / 10_000, cfg)
+                hist = torch.stack([idx, idx + 2] + [idx * 0 - 1] * 18, 1)
+                online.reservoir_add(st, idx, idx + 1, idx.float() / 10_000, hist, cfg)
             runs.append(st.replay_users.t.clone())
         assert torch.equal(runs[0], runs[1])  # deterministic
         kept = runs[0]
         assert kept.numel() == 100 == kept.unique().numel() and int(st.replay_seen) == 10_000
         assert torch.equal(st.replay_items.t, kept + 1)  # rows stay paired
+        assert torch.equal(st.replay_hist.t[:, 1], kept + 2)
         means.append(float(kept.double().mean()))
     # uniform over all 10,000 offers: the mean index is 5,000 +- 290 (std of a mean of 100)
     assert abs(np.mean(means) - 5_000) < 3 * 290 / np.sqrt(5)
-    u, i, r = online.replay_sample(st, 100, cfg)
-    assert u.numel() == 25 and torch.equal(i, u + 1)
+    u, i, r, h = online.replay_sample(st, 100, cfg)
+    assert u.numel() == 25 and torch.equal(i, u + 1) and torch.equal(h[:, 1], u + 2)
     torch.testing.assert_close(r, u.float() / 10_000)
     empty = ModelState(dim=2, text_dim=2)
     assert online.replay_sample(empty, 100, cfg)[0].numel() == 0
