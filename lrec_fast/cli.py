@@ -138,12 +138,12 @@ def _example(rec: Any, ds: Any) -> None:
     after, scores = rec.recommend([user], k=5)
     p1 = rec.predict([user, user], probe)
     print(f"\nexample: new user {user!r}")
-    print("  before any feedback (cold start = the mean user):")
+    print("  before any feedback (cold start: learned item bias + recency prior):")
     for j in before[0]:
         print(f"    {text[int(j)]}")
     print(f"  one feedback call: {len(liked)} sci-fi action films rated 5, "
           f"{len(disliked)} romantic comedies rated 1")  # fmt: skip
-    print("  right after it (ranking score = predicted rating + recency prior):")
+    print("  right after it (ranking head: history fold-in score + recency prior):")
     for j, s in zip(after[0], scores[0], strict=True):
         print(f"    {s:4.2f}  {text[int(j)]}")
     for j, a, b in zip(probe, p0, p1, strict=True):
