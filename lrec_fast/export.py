@@ -280,14 +280,13 @@ class Deployment:
             return q, b + np.float32(self.mu), idx
         import torch
 
-        from .ranking import PAD, fold_in
+        from .ranking import PAD, fold_in, history_weights
 
         idx = [self._users.index.get(u, -1) for u in user_ids]
         rows = np.asarray(idx, dtype=np.int64)
         hist = np.full((len(idx), self.user_recent.shape[1]), PAD, dtype=np.int64)
         hist[rows >= 0] = self.user_recent[rows[rows >= 0]]
-        decay = float(self.manifest["history_decay"])
-        w = decay ** torch.arange(hist.shape[1], dtype=torch.float32)
+        w = history_weights(float(self.manifest["history_decay"]), hist.shape[1])
         rq = fold_in(torch.from_numpy(self.ctx_rows), torch.from_numpy(hist), w)
         return rq.numpy(), np.zeros(len(idx), np.float32), idx
 

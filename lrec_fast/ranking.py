@@ -38,9 +38,9 @@ if TYPE_CHECKING:
 PAD = -1  # an empty history slot
 
 
-def history_weights(cfg: LearnerConfig) -> torch.Tensor:
-    """w_l = history_decay ** l, float32 [history_len]."""
-    return cfg.history_decay ** torch.arange(cfg.history_len, dtype=torch.float32)
+def history_weights(decay: float, length: int) -> torch.Tensor:
+    """w_l = decay ** l, float32 [length] (``LearnerConfig.history_decay``, ``history_len``)."""
+    return decay ** torch.arange(length, dtype=torch.float32)
 
 
 def fold_in(ctx: torch.Tensor, hist: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -72,7 +72,7 @@ def queries(state: ModelState, users: torch.Tensor, cfg: LearnerConfig) -> torch
         return torch.zeros(users.numel(), state.dim)
     hist = state.user_recent.t[users.clamp_min(0)]
     hist = torch.where(users[:, None] >= 0, hist, PAD)
-    return fold_in(state.ctx_rows.t, hist, history_weights(cfg))
+    return fold_in(state.ctx_rows.t, hist, history_weights(cfg.history_decay, cfg.history_len))
 
 
 def _candidates(
@@ -118,8 +118,8 @@ def step(
     tgt = state.tgt_rows.t[cand].requires_grad_()
     bias = state.tgt_bias.t[cand].requires_grad_()
     valid = hist >= 0
-    w = history_weights(cfg)[None, : hist.shape[1]] * valid
-    rep = (ctx[inv] * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-12)
+    weights = history_weights(cfg.history_decay, cfg.history_len)
+    rep = fold_in(ctx, torch.where(valid, inv, PAD), weights)  # hist re-indexed into ctx
     logits = rep @ tgt.T + bias
     if logq is not None:
         logits = logits - logq
@@ -165,7 +165,7 @@ def loss_of(state: ModelState, hist: torch.Tensor, targets: torch.Tensor,
     if targets.numel() == 0:
         return math.nan
     with torch.no_grad():
-        rep = fold_in(state.ctx_rows.t, hist, history_weights(cfg))
+        rep = fold_in(state.ctx_rows.t, hist, history_weights(cfg.history_decay, cfg.history_len))
         logits = rep @ state.tgt_rows.t.T + state.tgt_bias.t
         return float(F.cross_entropy(logits, targets))
 

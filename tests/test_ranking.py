@@ -78,7 +78,7 @@ def test_fold_in_queries():
     cfg = LearnerConfig(history_len=4, history_decay=0.5)
     ctx = torch.randn(6, 3)
     hist = torch.tensor([[2, 5, -1, -1], [-1, -1, -1, -1], [1, 1, 1, 1]])
-    q = ranking.fold_in(ctx, hist, ranking.history_weights(cfg))
+    q = ranking.fold_in(ctx, hist, ranking.history_weights(cfg.history_decay, cfg.history_len))
     torch.testing.assert_close(q[0], (ctx[2] + 0.5 * ctx[5]) / 1.5)
     torch.testing.assert_close(q[1], torch.zeros(3))
     torch.testing.assert_close(q[2], ctx[1])
