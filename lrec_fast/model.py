@@ -145,6 +145,9 @@ class ModelState:
     proj: torch.Tensor = field(init=False)
     proj_fitted: bool = False
     seen: list[set[int]] = field(default_factory=list)  # item rows each user interacted with
+    # Derived, never saved: the ranking head's negative-sampling proposal (ranking._proposal),
+    # rebuilt when the catalogue changes size or after PROPOSAL_REFRESH steps.
+    rank_proposal: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.user_rows = Rows(self.dim)

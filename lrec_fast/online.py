@@ -72,6 +72,11 @@ class LearnerConfig:
     # On the warm-up tail, rank_lr 0.02-0.2, rank_fit_lr 0.02-0.2 and history 10 / 20 / 40
     # (decay 0.8 / 0.9 / 0.95) moved HR@10 by at most 0.002.
     rank_by: str = "softmax"
+    # Events rated below rank_min_rating are no positives for the ranking head: they train the
+    # rating model only and stay out of the user's ranking history (None: every event is a
+    # positive, for implicit feedback). On the warm-up tail, None / 3 / 4 / 5 gave HR@10
+    # 0.0907 / 0.0916 / 0.0934 / 0.0881.
+    rank_min_rating: float | None = 4.0
     history_len: int = 20
     history_decay: float = 0.9
     negatives: int = 2048

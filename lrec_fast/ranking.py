@@ -24,18 +24,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .online import DivergenceError, LearnerConfig
 
 if TYPE_CHECKING:
     from .model import ModelState
 
-PAD = -1  # an empty history slot
+PAD = kernels.reference.PAD  # an empty history slot
+fold_in = kernels.reference.fold_in
 
 
 def history_weights(decay: float, length: int) -> torch.Tensor:
@@ -43,26 +46,25 @@ def history_weights(decay: float, length: int) -> torch.Tensor:
     return decay ** torch.arange(length, dtype=torch.float32)
 
 
-def fold_in(ctx: torch.Tensor, hist: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Ranking queries [B, d] from histories [B, L] (item rows, PAD = empty, newest first)
-    over context rows ``ctx`` [n_items, d]: the weighted mean of the rows (0 for no history)."""
-    valid = hist >= 0
-    w = weights[None, : hist.shape[1]] * valid
-    rows = ctx[hist.clamp_min(0)] * w[..., None]
-    return rows.sum(1) / w.sum(1, keepdim=True).clamp_min(1e-12)
+def positives(ratings: torch.Tensor, cfg: LearnerConfig) -> torch.Tensor:
+    """Which events the ranking head learns from, bool [n]: rated >= ``cfg.rank_min_rating``."""
+    if cfg.rank_min_rating is None:
+        return torch.ones(ratings.numel(), dtype=torch.bool)
+    return ratings >= cfg.rank_min_rating
 
 
-def histories(state: ModelState, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+def histories(
+    state: ModelState, users: torch.Tensor, items: torch.Tensor, backend: str | None = None,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """The history each event (time order) sees, int64 [n, L], and the users' histories
-    advanced past the events (in place)."""
+    advanced past the events (in place); ``kernels.advance_histories``. ``keep`` (bool [n]):
+    only those events advance the histories; the others get an empty (PAD) one."""
     recent = state.user_recent.t
-    out = torch.empty(users.numel(), recent.shape[1], dtype=torch.int64)
-    # python loop over events: each one depends on the ones before it of the same user
-    rec = recent.numpy()
-    for e, (u, j) in enumerate(zip(users.tolist(), items.tolist(), strict=True)):
-        out[e] = torch.from_numpy(rec[u])
-        rec[u, 1:] = rec[u, :-1].copy()
-        rec[u, 0] = j
+    if keep is None:
+        return kernels.advance_histories(recent, users, items, backend=backend)
+    out = torch.full((users.numel(), recent.shape[1]), PAD, dtype=torch.int64)
+    out[keep] = kernels.advance_histories(recent, users[keep], items[keep], backend=backend)
     return out
 
 
@@ -75,62 +77,65 @@ def queries(state: ModelState, users: torch.Tensor, cfg: LearnerConfig) -> torch
     return fold_in(state.ctx_rows.t, hist, history_weights(cfg.history_decay, cfg.history_len))
 
 
+PROPOSAL_REFRESH = 1_000  # ranking steps between rebuilds of the sampling proposal
+
+
+@dataclass
+class Proposal:
+    """Smoothed popularity q(j) ~ (count_j + 1)^0.75 as drawn from: cumulative float64 [n]
+    (inverse-CDF sampling, O(log n) per draw) and log q(j) float32 [n]. Rebuilding it is O(n),
+    so it is reused for PROPOSAL_REFRESH steps: a slightly stale q is still an exact proposal,
+    since the correction uses the q that was drawn from."""
+
+    cdf: torch.Tensor
+    logq: torch.Tensor
+    steps: int = 0
+
+    def draw(self, m: int, gen: torch.Generator) -> torch.Tensor:
+        """m item rows drawn from q with replacement, int64 [m]."""
+        u = torch.rand(m, generator=gen, dtype=torch.float64) * self.cdf[-1]
+        return torch.searchsorted(self.cdf, u, right=True).clamp_max_(self.cdf.numel() - 1)
+
+
+def _proposal(state: ModelState) -> Proposal:
+    p = state.rank_proposal
+    if p is None or p.cdf.numel() != state.tgt_rows.n or p.steps >= PROPOSAL_REFRESH:
+        q = (state.item_count.t.double() + 1.0) ** 0.75
+        q /= q.sum()
+        p = state.rank_proposal = Proposal(torch.cumsum(q, 0), torch.log(q).float())
+    p.steps += 1
+    return p
+
+
 def _candidates(
     state: ModelState, targets: torch.Tensor, cfg: LearnerConfig, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Item rows to score against (all of them, or the targets + sampled negatives) and the
-    log-Q correction per candidate (None when exact)."""
+    """Item rows to score against (all of them, or the targets + sampled negatives, sorted and
+    unique) and the log-Q correction log(negatives * q(j)) per candidate (None when exact)."""
     n = state.tgt_rows.n
     if n <= cfg.negatives:
         return torch.arange(n), None
-    q = (state.item_count.t.double() + 1.0) ** 0.75
-    q /= q.sum()
-    neg = torch.multinomial(q, cfg.negatives, replacement=True, generator=gen)
-    cand = torch.unique(torch.cat([targets, neg]))
-    return cand, torch.log(cfg.negatives * q[cand]).float()
-
-
-def _adagrad(
-    table: torch.Tensor, acc: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, lr: float,
-    eps: float = 1e-8,
-) -> None:  # fmt: skip
-    """Row-wise Adagrad on unique ``rows``: acc += mean(g^2) per row; row -= lr g / sqrt(acc)."""
-    g2 = grad.pow(2).mean(1) if grad.dim() == 2 else grad.pow(2)
-    acc[rows] += g2
-    step = lr / (acc[rows].sqrt() + eps)
-    table[rows] -= step[:, None] * grad if grad.dim() == 2 else step * grad
+    p = _proposal(state)
+    cand = torch.unique(torch.cat([targets, p.draw(cfg.negatives, gen)]))
+    return cand, p.logq[cand] + math.log(cfg.negatives)
 
 
 def step(
     state: ModelState, hist: torch.Tensor, targets: torch.Tensor, lr: float,
     cfg: LearnerConfig, gen: torch.Generator, undo: list[Callable[[], None]] | None = None,
+    backend: str | None = None,
 ) -> float:  # fmt: skip
     """One guarded softmax step on events (histories [n, L], target item rows [n]); returns the
     batch's mean cross-entropy before the step (nats). Touches only the rows the events name
-    (and the sampled candidates). Non-finite loss or rows: the rows are restored and
-    DivergenceError raised. ``undo``: where to append a callable that takes the step back."""
+    (and the sampled candidates); ``kernels.softmax_step``. Non-finite loss or rows: the rows
+    are restored and DivergenceError raised. ``undo``: where to append a callable that takes
+    the step back."""
     if targets.numel() == 0:
         return math.nan
     cand, logq = _candidates(state, targets, cfg, gen)
-    pos = torch.searchsorted(cand, targets)
-    ctx_idx, inv = torch.unique(hist.clamp_min(0), return_inverse=True)
-    ctx = state.ctx_rows.t[ctx_idx].requires_grad_()
-    tgt = state.tgt_rows.t[cand].requires_grad_()
-    bias = state.tgt_bias.t[cand].requires_grad_()
-    valid = hist >= 0
-    weights = history_weights(cfg.history_decay, cfg.history_len)
-    rep = fold_in(ctx, torch.where(valid, inv, PAD), weights)  # hist re-indexed into ctx
-    logits = rep @ tgt.T + bias
-    if logq is not None:
-        logits = logits - logq
-    loss = F.cross_entropy(logits, pos)
-    loss.backward()
-    assert ctx.grad is not None and tgt.grad is not None and bias.grad is not None
-    used = torch.zeros(ctx_idx.numel(), dtype=torch.bool)
-    used[inv[valid]] = True  # padding slots point at row 0 with weight 0: not a use
-    c_rows = ctx_idx[used]
+    c_rows = torch.unique(hist[hist >= 0])
     saved = [
-        (getattr(state, name).t, rows, getattr(state, name).t[rows].clone())
+        (getattr(state, name).t, rows, getattr(state, name).t[rows])
         for name, rows in (
             ("ctx_rows", c_rows),
             ("ctx_acc", c_rows),
@@ -145,13 +150,12 @@ def step(
         for table, rows, values in saved:
             table[rows] = values
 
-    with torch.no_grad():
-        _adagrad(state.ctx_rows.t, state.ctx_acc.t, c_rows, ctx.grad[used], lr)
-        _adagrad(state.tgt_rows.t, state.tgt_acc.t, cand, tgt.grad, lr)
-        _adagrad(state.tgt_bias.t, state.tgt_bias_acc.t, cand, bias.grad, lr)
-    value = float(loss.detach())
-    ok = math.isfinite(value) and all(bool(torch.isfinite(t[r]).all()) for t, r, _ in saved)
-    if not ok:
+    value, finite = kernels.softmax_step(
+        state.ctx_rows.t, state.ctx_acc.t, state.tgt_rows.t, state.tgt_acc.t, state.tgt_bias.t,
+        state.tgt_bias_acc.t, hist, history_weights(cfg.history_decay, cfg.history_len),
+        torch.searchsorted(cand, targets), cand, logq, lr, backend=backend,
+    )  # fmt: skip
+    if not (finite and math.isfinite(value)):
         restore()
         raise DivergenceError(f"ranking step diverged (loss {value:.3g}); step rolled back")
     if undo is not None:
@@ -172,7 +176,7 @@ def loss_of(state: ModelState, hist: torch.Tensor, targets: torch.Tensor,
 
 def fit(
     state: ModelState, hist: torch.Tensor, targets: torch.Tensor, cfg: LearnerConfig,
-    gen: torch.Generator,
+    gen: torch.Generator, backend: str | None = None,
 ) -> tuple[int, list[float]]:  # fmt: skip
     """Warm-up training of the head on events (time order, with their histories): shuffled
     epochs on the first (1 - validation_fraction), early stopping on the exact cross-entropy of
@@ -189,7 +193,7 @@ def fit(
         order = torch.from_numpy(rng.permutation(n_tr))
         for s in range(0, n_tr, cfg.rank_batch_size):
             b = order[s : s + cfg.rank_batch_size]
-            step(state, hist[b], targets[b], cfg.rank_fit_lr, cfg, gen)
+            step(state, hist[b], targets[b], cfg.rank_fit_lr, cfg, gen, backend=backend)
         if n_val == 0:
             best_epoch = epoch
             continue
@@ -207,5 +211,5 @@ def fit(
             getattr(state, k).t.copy_(best[k])
     for s in range(n_tr, n, cfg.rank_batch_size):
         sl = slice(s, min(s + cfg.rank_batch_size, n))
-        step(state, hist[sl], targets[sl], cfg.rank_fit_lr, cfg, gen)
+        step(state, hist[sl], targets[sl], cfg.rank_fit_lr, cfg, gen, backend=backend)
     return best_epoch, losses

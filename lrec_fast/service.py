@@ -109,6 +109,12 @@ class Recommender:
         if not rating_range[0] < rating_range[1]:
             raise ValueError("rating_range must be (low, high) with low < high")
         self.config = LearnerConfig(lr=lr, weight_decay=weight_decay, **learner)
+        low = self.config.rank_min_rating
+        if low is not None and not low <= rating_range[1]:
+            raise ValueError(
+                f"rank_min_rating {low} is above the rating range {rating_range}: no event "
+                "could train the ranking head (None: every event)"
+            )
         self._backend = kernels.resolve_backend(backend)
         self._encoder_spec = encoder if encoder is not None else MINILM_NAME
         self._encoder: TextEncoder | None = None
@@ -227,10 +233,12 @@ class Recommender:
                 ui, ii = self._index(u, i)
                 report = online.fit(self.state, ui, ii, r, self.config, self.backend,
                                     self.rating_range)  # fmt: skip
-                hist = ranking.histories(self.state, ui, ii)
+                keep = ranking.positives(r, self.config)
+                hist = ranking.histories(self.state, ui, ii, self.backend, keep)
                 if self.config.rank_by == "softmax":
                     report.rank_best_epoch, report.rank_val_loss = ranking.fit(
-                        self.state, hist, ii, self.config, self._rng)  # fmt: skip
+                        self.state, hist[keep], ii[keep], self.config, self._rng, self.backend
+                    )
                 online.reservoir_add(self.state, ui, ii, r, hist, self.config)
                 self._refresh_text_priors()
             except BaseException:
@@ -274,7 +282,7 @@ class Recommender:
                 touched = ui.unique()
                 recent = st.user_recent.t[touched].clone()
                 undo.append(lambda: st.user_recent.t.index_copy_(0, touched, recent))
-                hist = ranking.histories(st, ui, ii)
+                hist = ranking.histories(st, ui, ii, self.backend, ranking.positives(r, cfg))
                 lo, hi = self.rating_range
                 sq = 0.0
                 for s in range(0, n, chunk):
@@ -287,8 +295,9 @@ class Recommender:
                                        torch.cat([cr, rr]), cfg.lr, cfg.weight_decay, cfg,
                                        self.backend, (hi - lo) ** 2, undo)  # fmt: skip
                     if cfg.rank_by == "softmax":
-                        ranking.step(st, torch.cat([ch, rh]), torch.cat([ci, ri]), cfg.rank_lr,
-                                     cfg, self._rng, undo)  # fmt: skip
+                        pos = ranking.positives(torch.cat([cr, rr]), cfg)
+                        ranking.step(st, torch.cat([ch, rh])[pos], torch.cat([ci, ri])[pos],
+                                     cfg.rank_lr, cfg, self._rng, undo, self.backend)  # fmt: skip
                     sq += (loss if new_loss is None else new_loss) * len(cu)
                 loss = sq / n
             except BaseException:

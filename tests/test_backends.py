@@ -204,3 +204,75 @@ def test_update_matches_reference_step_by_step(backend, rng):
         assert got == pytest.approx(want, rel=1e-5)
         for a, b in zip(mine, base, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# the ranking head: histories and the softmax step
+
+
+def rank_tables(rng: np.random.Generator, n: int, d: int, scale: float = 1.0) -> list[torch.Tensor]:
+    """ctx, ctx_acc, tgt, tgt_acc, tgt_bias, tgt_bias_acc with Adagrad sums under way."""
+
+    def t(*shape: int) -> torch.Tensor:
+        return torch.from_numpy(rng.standard_normal(shape).astype(np.float32) * scale)
+
+    acc = [torch.from_numpy(rng.uniform(0, 1, n).astype(np.float32)) for _ in range(3)]
+    return [t(n, d), acc[0], t(n, d), acc[1], t(n), acc[2]]
+
+
+def rank_batch(rng: np.random.Generator, n_items: int, n: int, length: int):
+    hist = torch.from_numpy(rng.integers(0, n_items, (n, length)))
+    hist[torch.from_numpy(rng.random((n, length)) < 0.3)] = ref.PAD  # ragged
+    hist[0] = ref.PAD  # no history at all
+    hist[-1, : length // 2] = hist[-1, -1]  # duplicates inside one history
+    targets = torch.from_numpy(rng.integers(0, n_items, n))
+    targets[: n // 2] = targets[0]  # duplicate targets
+    return hist, targets
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+@pytest.mark.parametrize(
+    ("n_items", "d", "n", "length"),
+    [(7, 3, 1, 1), (50, 16, 33, 5), (301, 100, 64, 20), (1000, 64, 3, 7)],
+)
+def test_softmax_step_matches_reference(backend, rng, sampled, n_items, d, n, length):
+    hist, targets = rank_batch(rng, n_items, n, length)
+    if sampled:  # the targets plus some others, with a log-Q correction
+        extra = torch.from_numpy(rng.integers(0, n_items, 2 * n + 3))
+        cand = torch.unique(torch.cat([targets, extra]))
+        logq = torch.from_numpy(rng.normal(0, 2, cand.numel()).astype(np.float32))
+    else:
+        cand, logq = torch.arange(n_items), None
+    weights = 0.8 ** torch.arange(length, dtype=torch.float32)
+    want, got = rank_tables(rng, n_items, d), None
+    got = [x.clone() for x in want]
+    args = (hist, weights, torch.searchsorted(cand, targets), cand, logq, 0.05)
+    lw, okw = ref.softmax_step(*want, *args)
+    lg, okg = kernels.softmax_step(*got, *args, backend=backend)
+    assert okw and okg
+    assert lg == pytest.approx(lw, rel=1e-5)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_step_reports_non_finite(backend, rng):
+    for bad in (float("inf"), float("nan"), 3e38):
+        want = rank_tables(rng, 20, 4)
+        want[0][3] = bad  # a context row that a history names
+        got = [x.clone() for x in want]
+        hist, cand = torch.tensor([[3, -1], [1, 3]]), torch.arange(20)
+        args = (hist, torch.ones(2), torch.tensor([5, 6]), cand, None, 0.1)
+        _, okw = ref.softmax_step(*want, *args)
+        _, okg = kernels.softmax_step(*got, *args, backend=backend)
+        assert not okw and not okg
+
+
+@pytest.mark.parametrize(("n_users", "length", "n"), [(1, 1, 0), (3, 4, 1), (17, 20, 500)])
+def test_advance_histories_matches_reference(backend, rng, n_users, length, n):
+    recent = torch.from_numpy(rng.integers(-1, 50, (n_users, length)))
+    users = torch.from_numpy(rng.integers(0, n_users, n))  # many repeats: order matters
+    items = torch.from_numpy(rng.integers(0, 50, n))
+    want, got = recent.clone(), recent.clone()
+    hw = ref.advance_histories(want, users, items)
+    hg = kernels.advance_histories(got, users, items, backend=backend)
+    assert torch.equal(hg, hw) and torch.equal(got, want) and hg.shape == (n, length)

@@ -57,7 +57,8 @@ def dense_step(st: ModelState, hist: torch.Tensor, targets: torch.Tensor, lr: fl
 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("n_items,dim,batch", [(7, 3, 1), (50, 16, 33), (130, 8, 64)])
-def test_exact_step_matches_dense_reference(seed, n_items, dim, batch):
+@pytest.mark.parametrize("backend", ["torch", None])
+def test_exact_step_matches_dense_reference(seed, n_items, dim, batch, backend):
     cfg = LearnerConfig(history_len=5, history_decay=0.7, negatives=1_000)
     st = make_state(n_items, 10, dim, cfg, seed)
     g = torch.Generator().manual_seed(100 + seed)
@@ -68,7 +69,7 @@ def test_exact_step_matches_dense_reference(seed, n_items, dim, batch):
     targets = torch.randint(0, n_items, (batch,), generator=g)
     targets[: batch // 2] = targets[0]  # duplicate targets
     want = dense_step(st, hist, targets, 0.05, cfg)
-    loss = ranking.step(st, hist, targets, 0.05, cfg, torch.Generator())
+    loss = ranking.step(st, hist, targets, 0.05, cfg, torch.Generator(), backend=backend)
     assert math.isfinite(loss)
     for name, val in want.items():
         torch.testing.assert_close(getattr(st, name).t, val, rtol=1e-5, atol=1e-6)
@@ -155,3 +156,53 @@ def test_config_validation():
         with pytest.raises(ValueError):
             LearnerConfig(**bad)
     assert online.LearnerConfig().rank_by == "softmax"
+
+
+def test_proposal_draws_follow_q_and_follow_the_catalogue():
+    cfg = LearnerConfig(history_len=2, negatives=8)
+    st = make_state(40, 3, 4, cfg, 2)
+    st.item_count.t.copy_(torch.arange(40) ** 2)
+    p = ranking._proposal(st)
+    q = (torch.arange(40).double() ** 2 + 1) ** 0.75
+    q /= q.sum()
+    torch.testing.assert_close(p.logq, torch.log(q).float())
+    freq = torch.bincount(p.draw(200_000, torch.Generator().manual_seed(3)), minlength=40)
+    torch.testing.assert_close(freq.double() / 200_000, q, atol=3e-3, rtol=0)
+    # stale for a while (counts moved: the cached q is still what is drawn from) ...
+    st.item_count.t.zero_()
+    assert ranking._proposal(st) is p
+    # ... rebuilt when the catalogue grows, so new items can be drawn
+    st.add_items(
+        [40, 41],
+        {k: torch.zeros(2, 4) for k in ("item_rows", "tgt_rows", "ctx_rows")}
+        | {"item_bias": torch.zeros(2), "tgt_bias": torch.zeros(2)},
+        torch.zeros(2, 4),
+    )
+    p2 = ranking._proposal(st)
+    assert p2 is not p and p2.cdf.numel() == 42
+    torch.testing.assert_close(p2.logq, torch.full((42,), -math.log(42)).float())
+
+
+def test_low_ratings_train_the_rating_model_only(fitted):
+    st = fitted.state
+    user = fitted.state.users.ids[0]
+    item = fitted.item_ids[3]
+    rank = {k: getattr(st, k).t.clone() for k in ("ctx_rows", "tgt_rows", "tgt_bias")}
+    recent = st.user_recent.t.clone()
+    rating_rows = st.item_rows.t.clone()
+    fitted.feedback([user], [item], [fitted.config.rank_min_rating - 1.0])
+    for k, v in rank.items():
+        assert torch.equal(getattr(st, k).t, v), k  # no positive: no ranking step
+    assert torch.equal(st.user_recent.t, recent)  # and not in the history
+    assert not torch.equal(st.item_rows.t, rating_rows)  # the rating model learned
+    fitted.feedback([user], [item], [fitted.config.rank_min_rating])
+    assert st.user_recent.t[st.users.index[user], 0] == st.items.index[item]
+    assert not torch.equal(st.tgt_rows.t, rank["tgt_rows"])
+
+
+def test_rank_min_rating_outside_the_range_is_refused():
+    from lrec_fast import Recommender
+
+    with pytest.raises(ValueError, match="rank_min_rating"):
+        Recommender(rank_min_rating=6.0, encoder="hashing-64")
+    Recommender(rank_min_rating=None, encoder="hashing-64")  # implicit feedback: every event

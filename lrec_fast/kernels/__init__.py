@@ -8,6 +8,9 @@ Backend contract (the same for every hot path):
   ``BackendUnavailable`` saying why: never a silent fallback;
 - ``torch`` (``reference.py``) is always there and is the truth the others are tested against.
 
+Hot paths: ``score_topk`` (recommend), ``mf_sgd_step`` / ``mf_adagrad_step`` (the rating
+update), ``advance_histories`` and ``softmax_step`` (the ranking head's update).
+
 Implemented: triton (``triton_score.py``, ``triton_update.py``; runs CUDA tensors, or CPU
 tensors under ``TRITON_INTERPRET=1``, which is only for tests and never chosen automatically),
 numba (``cpu.py``) and torch.
@@ -65,6 +68,9 @@ def _load(name: str) -> Backend:
             score_topk=triton_score.score_topk,
             mf_sgd_step=triton_update.mf_sgd_step,
             mf_adagrad_step=triton_update.mf_adagrad_step,
+            # the ranking head's step is three GEMMs and row-wise updates: torch's own kernels
+            advance_histories=reference.advance_histories,
+            softmax_step=reference.softmax_step,
         ))  # fmt: skip
     raise BackendUnavailable(f"unknown backend {name!r}; choose from {', '.join(PRIORITY)}")
 
@@ -107,14 +113,26 @@ def mf_adagrad_step(*args, backend: str | None = None, **kwargs):  # type: ignor
     return resolve_backend(backend, args[0].device).module.mf_adagrad_step(*args, **kwargs)
 
 
+def advance_histories(recent, users, items, *, backend=None):  # type: ignore[no-untyped-def]
+    """Dispatching ``advance_histories``; see ``reference.advance_histories``."""
+    return resolve_backend(backend, recent.device).module.advance_histories(recent, users, items)
+
+
+def softmax_step(*args, backend: str | None = None, **kwargs):  # type: ignore[no-untyped-def]
+    """Dispatching ranking-head step; see ``reference.softmax_step`` for the exact semantics."""
+    return resolve_backend(backend, args[0].device).module.softmax_step(*args, **kwargs)
+
+
 __all__ = [
     "PRIORITY",
     "Backend",
     "BackendUnavailable",
+    "advance_histories",
     "available_backends",
     "mf_adagrad_step",
     "mf_sgd_step",
     "reference",
     "resolve_backend",
     "score_topk",
+    "softmax_step",
 ]

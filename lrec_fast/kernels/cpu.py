@@ -444,4 +444,172 @@ def _run_step(
 mf_sgd_step, mf_adagrad_step = steps_from(_run_step)
 
 
-__all__ = ["exclusion_csr", "mf_adagrad_step", "mf_sgd_step", "score_topk"]
+# ---------------------------------------------------------------------------------------------
+# the ranking head: histories and the softmax step (contracts in reference.py)
+
+
+def _cpu_arrays(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError("the numba backend needs contiguous CPU tensors")
+
+
+@njit(cache=True)
+def _advance(recent: np.ndarray, users: np.ndarray, items: np.ndarray, out: np.ndarray) -> None:
+    length = recent.shape[1]
+    for e in range(users.size):
+        u = users[e]
+        for s in range(length):
+            out[e, s] = recent[u, s]
+        for s in range(length - 1, 0, -1):
+            recent[u, s] = recent[u, s - 1]
+        recent[u, 0] = items[e]
+
+
+def advance_histories(
+    recent: torch.Tensor, users: torch.Tensor, items: torch.Tensor
+) -> torch.Tensor:
+    _cpu_arrays(recent)
+    out = torch.empty(users.numel(), recent.shape[1], dtype=torch.int64)
+    _advance(recent.numpy(), users.long().contiguous().numpy(),
+             items.long().contiguous().numpy(), out.numpy())  # fmt: skip
+    return out
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _fold_coef(ctx: np.ndarray, hist: np.ndarray, weights: np.ndarray, rep: np.ndarray,
+               coef: np.ndarray) -> None:  # fmt: skip
+    """rep[e] = sum_l coef[e, l] ctx[hist[e, l]], coef = the normalised weights (0 on PAD)."""
+    n, length = hist.shape
+    d = ctx.shape[1]
+    for e in range(n):
+        total = np.float32(0.0)
+        for s in range(length):
+            if hist[e, s] >= 0:
+                total += weights[s]
+        inv = np.float32(1.0) / max(total, np.float32(1e-12))
+        for t in range(d):
+            rep[e, t] = 0.0
+        for s in range(length):
+            r = hist[e, s]
+            if r < 0:
+                coef[e, s] = 0.0
+                continue
+            c = weights[s] * inv
+            coef[e, s] = c
+            for t in range(d):
+                rep[e, t] += c * ctx[r, t]
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _adagrad_row(table: np.ndarray, acc: np.ndarray, r: int, grad: np.ndarray, lr: float,
+                 eps: float) -> bool:  # fmt: skip
+    """Row-wise Adagrad on one row; True when what it wrote is finite."""
+    d = grad.size
+    sq = np.float32(0.0)
+    for t in range(d):
+        sq += grad[t] * grad[t]
+    acc[r] += sq / np.float32(d)
+    f = np.float32(lr) / (np.sqrt(acc[r]) + np.float32(eps))
+    ok = np.isfinite(acc[r])
+    for t in range(d):
+        table[r, t] -= f * grad[t]
+        ok &= np.isfinite(table[r, t])
+    return ok
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _targets_apply(tgt: np.ndarray, tgt_acc: np.ndarray, tb: np.ndarray, tb_acc: np.ndarray,
+                   cand: np.ndarray, grad_t: np.ndarray, grad_b: np.ndarray, lr: float,
+                   eps: float) -> bool:  # fmt: skip
+    """Row-wise Adagrad on the candidates' target rows and biases (unique rows: no races)."""
+    ok = np.ones(cand.size, np.bool_)
+    for c in prange(cand.size):
+        r = cand[c]
+        good = _adagrad_row(tgt, tgt_acc, r, grad_t[c], lr, eps)
+        g = grad_b[c]
+        tb_acc[r] += g * g
+        tb[r] -= np.float32(lr) / (np.sqrt(tb_acc[r]) + np.float32(eps)) * g
+        ok[c] = good and np.isfinite(tb[r]) and np.isfinite(tb_acc[r])
+    return bool(ok.all())
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _context_apply(ctx: np.ndarray, ctx_acc: np.ndarray, hist: np.ndarray, coef: np.ndarray,
+                   grad_rep: np.ndarray, lr: float, eps: float) -> bool:  # fmt: skip
+    """Row-wise Adagrad on the context rows: every valid slot's share of its event's gradient,
+    summed per row in a stable sorted order (deterministic), then one step per row."""
+    ok = True
+    length = hist.shape[1]
+    flat = hist.ravel()
+    order = np.argsort(flat, kind="mergesort")
+    d = ctx.shape[1]
+    grad = np.empty(d, np.float32)
+    p = 0
+    while p < flat.size and flat[order[p]] < 0:
+        p += 1
+    while p < flat.size:
+        r = flat[order[p]]
+        grad[:] = 0.0
+        while p < flat.size and flat[order[p]] == r:
+            e, s = divmod(order[p], length)
+            for t in range(d):
+                grad[t] += coef[e, s] * grad_rep[e, t]
+            p += 1
+        ok &= _adagrad_row(ctx, ctx_acc, r, grad, lr, eps)
+    return ok
+
+
+def softmax_step(
+    ctx: torch.Tensor, ctx_acc: torch.Tensor, tgt: torch.Tensor, tgt_acc: torch.Tensor,
+    tgt_bias: torch.Tensor, tgt_bias_acc: torch.Tensor, hist: torch.Tensor,
+    weights: torch.Tensor, pos: torch.Tensor, cand: torch.Tensor, logq: torch.Tensor | None,
+    lr: float, eps: float = 1e-8,
+) -> tuple[float, bool]:  # fmt: skip
+    """Same contract as ``reference.softmax_step``: the gradients by hand (the three products
+    in torch's GEMM, the rest compiled), no autograd graph."""
+    _cpu_arrays(ctx, ctx_acc, tgt, tgt_acc, tgt_bias, tgt_bias_acc)
+    hist = hist.contiguous()
+    n, d = hist.shape[0], ctx.shape[1]
+    rep = torch.empty(n, d)
+    coef = torch.empty(hist.shape)
+    _fold_coef(ctx.numpy(), hist.numpy(), weights.contiguous().numpy(), rep.numpy(), coef.numpy())
+    exact = cand.numel() == tgt.shape[0]  # cand is sorted and unique: all rows, in order
+    t_c = tgt if exact else tgt[cand]
+    z = torch.addmm(tgt_bias if exact else tgt_bias[cand], rep, t_c.T)
+    if logq is not None:
+        z -= logq
+    grad_z = torch.log_softmax(z, 1)
+    ar = torch.arange(n)
+    loss = -float(grad_z[ar, pos].double().mean())
+    grad_z.exp_()
+    grad_z[ar, pos] -= 1.0
+    grad_z *= 1.0 / n
+    grad_t = grad_z.T @ rep
+    grad_b = grad_z.sum(0)
+    grad_rep = grad_z @ t_c
+    lr, eps = float(lr), float(eps)
+    ok = _targets_apply(
+        tgt.numpy(),
+        tgt_acc.numpy(),
+        tgt_bias.numpy(),
+        tgt_bias_acc.numpy(),
+        cand.contiguous().numpy(),
+        grad_t.numpy(),
+        grad_b.numpy(),
+        lr,
+        eps,
+    )
+    ok &= _context_apply(ctx.numpy(), ctx_acc.numpy(), hist.numpy(), coef.numpy(),
+                         grad_rep.numpy(), lr, eps)  # fmt: skip
+    return loss, bool(ok)
+
+
+__all__ = [
+    "advance_histories",
+    "exclusion_csr",
+    "mf_adagrad_step",
+    "mf_sgd_step",
+    "score_topk",
+    "softmax_step",
+]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 # Order of the four decayed tables in a ``scales`` tensor.
 SCALE_USER, SCALE_ITEM, SCALE_USER_BIAS, SCALE_ITEM_BIAS = 0, 1, 2, 3
@@ -338,3 +339,89 @@ def steps_from(impl: StepImpl) -> tuple[Callable[..., float], Callable[..., floa
 
     sgd.__doc__, adagrad.__doc__ = mf_sgd_step.__doc__, mf_adagrad_step.__doc__
     return sgd, adagrad
+
+
+# ---------------------------------------------------------------------------------------------
+# the ranking head (lrec_fast/ranking.py): histories and the softmax step
+
+PAD = -1  # an empty history slot
+
+
+def advance_histories(
+    recent: torch.Tensor, users: torch.Tensor, items: torch.Tensor
+) -> torch.Tensor:
+    """The history each event sees, int64 [n, L], with ``recent`` [n_users, L] (item rows,
+    newest first, PAD = empty) advanced past the events in place: event e (time order) sees
+    its user's row as it stands after the events before it, then pushes its item in front."""
+    out = torch.empty(users.numel(), recent.shape[1], dtype=torch.int64)
+    for e, (u, j) in enumerate(zip(users.tolist(), items.tolist(), strict=True)):
+        out[e] = recent[u]
+        recent[u] = torch.cat([recent.new_tensor([j]), recent[u, :-1]])
+    return out
+
+
+def fold_in(ctx: torch.Tensor, hist: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Queries [B, d] from histories [B, L] (rows of ``ctx`` [n, d], PAD = empty): the mean of
+    the rows weighted by ``weights`` [>= L] (0 for an empty history)."""
+    valid = hist >= 0
+    w = weights[None, : hist.shape[1]] * valid
+    rows = ctx[hist.clamp_min(0)] * w[..., None]
+    return rows.sum(1) / w.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def rowwise_adagrad(
+    table: torch.Tensor, acc: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, lr: float,
+    eps: float = 1e-8,
+) -> None:  # fmt: skip
+    """Row-wise Adagrad on unique ``rows``: acc += mean(g^2) per row (g^2 for a 1-d table);
+    row -= lr g / (sqrt(acc) + eps)."""
+    g2 = grad.pow(2).mean(1) if grad.dim() == 2 else grad.pow(2)
+    acc[rows] += g2
+    step = lr / (acc[rows].sqrt() + eps)
+    table[rows] -= step[:, None] * grad if grad.dim() == 2 else step * grad
+
+
+def softmax_step(
+    ctx: torch.Tensor, ctx_acc: torch.Tensor, tgt: torch.Tensor, tgt_acc: torch.Tensor,
+    tgt_bias: torch.Tensor, tgt_bias_acc: torch.Tensor, hist: torch.Tensor,
+    weights: torch.Tensor, pos: torch.Tensor, cand: torch.Tensor, logq: torch.Tensor | None,
+    lr: float, eps: float = 1e-8,
+) -> tuple[float, bool]:  # fmt: skip
+    """One row-wise Adagrad step of the ranking head's softmax cross-entropy, in place.
+
+    Events e = 0..n-1 have histories ``hist`` [n, L] (int64 rows of ``ctx``, PAD = -1) and
+    target ``cand[pos[e]]``; ``cand`` [C] int64 holds sorted unique rows of ``tgt`` /
+    ``tgt_bias`` to score against, ``logq`` [C] float32 their log-Q correction (None: exact).
+        q_e = fold_in(ctx, hist_e, weights),
+        z_ec = <q_e, tgt[cand_c]> + tgt_bias[cand_c] - logq_c,
+        L = mean_e (logsumexp_c z_ec - z_e,pos_e)
+    Gradients at the pre-step values, each row's summed over the batch (duplicates included),
+    then ``rowwise_adagrad`` on every ctx row a valid history slot names and every candidate.
+    Tables float32 [rows, d] or [rows]; accumulators float32 [rows]. Returns (L in nats before
+    the step, whether every value written is finite); n > 0.
+    """
+    ctx_idx, inv = torch.unique(hist.clamp_min(0), return_inverse=True)
+    c = ctx[ctx_idx].requires_grad_()
+    t = tgt[cand].requires_grad_()
+    b = tgt_bias[cand].requires_grad_()
+    valid = hist >= 0
+    rep = fold_in(c, torch.where(valid, inv, PAD), weights)  # hist re-indexed into c
+    logits = rep @ t.T + b
+    if logq is not None:
+        logits = logits - logq
+    loss = F.cross_entropy(logits, pos)
+    loss.backward()
+    assert c.grad is not None and t.grad is not None and b.grad is not None
+    used = torch.zeros(ctx_idx.numel(), dtype=torch.bool)
+    used[inv[valid]] = True  # padding slots point at row 0 with weight 0: not a use
+    rows = ctx_idx[used]
+    with torch.no_grad():
+        rowwise_adagrad(ctx, ctx_acc, rows, c.grad[used], lr, eps)
+        rowwise_adagrad(tgt, tgt_acc, cand, t.grad, lr, eps)
+        rowwise_adagrad(tgt_bias, tgt_bias_acc, cand, b.grad, lr, eps)
+    finite = all(
+        bool(torch.isfinite(x[r]).all())
+        for x, r in ((ctx, rows), (ctx_acc, rows), (tgt, cand), (tgt_acc, cand),
+                     (tgt_bias, cand), (tgt_bias_acc, cand))
+    )  # fmt: skip
+    return float(loss.detach()), finite
