@@ -106,7 +106,7 @@ class ModelState:
 
     dim: int
     text_dim: int
-    history_len: int = 20
+    history_len: int = 40
     users: IdMap = field(default_factory=IdMap)
     items: IdMap = field(default_factory=IdMap)
     user_rows: Rows = field(init=False)

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import kernels, online, ranking
+from . import consolidation, kernels, online, ranking
+from .consolidation import ConsolidationReport
 from .kernels.reference import SCALE_ITEM, SCALE_USER, SCALE_USER_BIAS
 from .model import Id, ModelState, load_state, save_state
 from .online import FitReport, LearnerConfig
@@ -123,6 +124,10 @@ class Recommender:
         text_dim = encoder.dim if isinstance(encoder, TextEncoder) else self._text_dim_of(encoder)
         self.state = ModelState(dim=dim, text_dim=text_dim, history_len=self.config.history_len)
         self._rng = torch.Generator().manual_seed(self.config.seed)
+        # the most recent events learned from, for consolidation (in memory, not checkpointed):
+        # chunks of (user rows, item rows, ratings, histories), time order
+        self._window: list[tuple[torch.Tensor, ...]] = []
+        self._since_consolidation = 0
         self._lock = threading.RLock()
         log.info("Recommender: backend %s, dim %d", self._backend.name, dim)
 
@@ -240,6 +245,7 @@ class Recommender:
                         self.state, hist[keep], ii[keep], self.config, self._rng, self.backend
                     )
                 online.reservoir_add(self.state, ui, ii, r, hist, self.config)
+                self._remember(ui, ii, r, hist)
                 self._refresh_text_priors()
             except BaseException:
                 self.state.restore(snap)
@@ -310,9 +316,51 @@ class Recommender:
                 raise
             online.count_events(st, ii, cfg)
             online.reservoir_add(st, ui, ii, r, hist, cfg)
+            self._remember(ui, ii, r, hist)
             for a, b in zip(ui.tolist(), ii.tolist(), strict=True):
                 self.state.seen[a].add(b)
+            self._since_consolidation += n
+            if 0 < cfg.consolidate_every <= self._since_consolidation:
+                self.consolidate()
             return loss
+
+    def _remember(self, *events: torch.Tensor) -> None:
+        """Keep the newest ``consolidate_window`` events learned from."""
+        self._window.append(events)
+        excess = sum(len(c[0]) for c in self._window) - self.config.consolidate_window
+        while excess > 0:
+            first = self._window[0]
+            if len(first[0]) <= excess:
+                excess -= len(self._window.pop(0)[0])
+            else:
+                self._window[0] = tuple(t[excess:].clone() for t in first)
+                excess = 0
+
+    def consolidate(self) -> ConsolidationReport:
+        """Consolidate now on the newest ``consolidate_window`` events learned from (since
+        this object was made or loaded): replay-mixed passes, validation on the newest share,
+        early stopping, per-head rollback to the weights before it if validation does not
+        improve, then the text projection refitted (``lrec_fast.consolidation``). Runs under
+        the lock (answers wait for it); all or nothing on an unexpected error."""
+        with self._lock:
+            self._since_consolidation = 0
+            cap = self.config.consolidate_window
+            total = sum(len(c[0]) for c in self._window)
+            if cap < 2 or total < 2:
+                return ConsolidationReport(events=min(cap, total))
+            u, i, r, h = (torch.cat(parts)[-cap:] for parts in zip(*self._window, strict=True))
+            snap = self.state.snapshot()
+            try:
+                report = consolidation.consolidate(
+                    self.state, u, i, r, h, self.config, self.backend, self._rng,
+                    self.rating_range,
+                )  # fmt: skip
+                self._refresh_text_priors()
+            except BaseException:
+                self.state.restore(snap)
+                raise
+            log.info("consolidation: %s", report)
+            return report
 
     # -- answering ---------------------------------------------------------------------------
     def _queries(self, user_ids: list[Id]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

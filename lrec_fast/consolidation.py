@@ -1,0 +1,159 @@
+"""The slow time scale: consolidation of what the stream taught, with validation and rollback.
+
+``feedback`` takes one step per micro-batch (the fast time scale). Every so often (explicitly
+with ``Recommender.consolidate()``, or every ``consolidate_every`` events) a consolidation:
+
+1. splits the window of the most recent ``consolidate_window`` events (time order) into a
+   training part and its newest ``validation_fraction`` share, which the passes below never
+   train on;
+2. measures both heads on that share before it starts: the rating head's RMSE and the ranking
+   head's exact softmax cross-entropy (positives only);
+3. runs up to ``consolidate_epochs`` shuffled passes over the training part in mini-batches of
+   ``batch_size``, each mixed with ``replay_ratio`` x as many events drawn from the replay
+   reservoir (against forgetting), at the stream learning rates; a divergent mini-batch is
+   rejected (counted) and changes nothing;
+4. keeps, per head, the weights of its best validation epoch, stopping when neither head has
+   improved for ``patience`` epochs; a head that never beat its starting value is rolled back
+   to the weights it had before the consolidation (the last good snapshot);
+5. refits the text projection and gives never-rated items their new text prior.
+
+The two heads own disjoint tables, so each is validated, kept or rolled back on its own.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from . import online, ranking
+from .online import DivergenceError, LearnerConfig
+
+if TYPE_CHECKING:
+    from .model import ModelState
+
+RATING_TABLES = ("user_rows", "item_rows", "user_bias", "item_bias")
+RANKING_TABLES = ("ctx_rows", "tgt_rows", "tgt_bias", "ctx_acc", "tgt_acc", "tgt_bias_acc")
+
+
+@dataclass
+class ConsolidationReport:
+    """What one consolidation did. ``*_val``: the validation value before (index 0) and after
+    each epoch (RMSE; cross-entropy in nats, NaN without positives); ``*_kept``: the epoch whose
+    weights were kept (0 = rolled back to the weights before the consolidation)."""
+
+    events: int = 0  # events in the window (training part + validation share)
+    epochs: int = 0
+    rating_val: list[float] = field(default_factory=list)
+    rank_val: list[float] = field(default_factory=list)
+    rating_kept: int = 0
+    rank_kept: int = 0
+    rejected: int = 0  # mini-batch steps the guard rails refused
+    seconds: float = 0.0
+
+
+def _save(state: ModelState, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    out = {name: getattr(state, name).t.clone() for name in names}
+    if names == RATING_TABLES:  # the rows are stored through the lazy scales
+        out["scales"], out["mu"] = state.scales.clone(), state.mu.clone()
+    return out
+
+
+def _load(state: ModelState, saved: dict[str, torch.Tensor]) -> None:
+    for name, value in saved.items():
+        if name in ("scales", "mu"):
+            getattr(state, name).copy_(value)
+        else:
+            getattr(state, name).t.copy_(value)
+
+
+class _Best:
+    """The best validation value of one head so far, its epoch and weights."""
+
+    def __init__(self, state: ModelState, names: tuple[str, ...], value: float) -> None:
+        self.state, self.names = state, names
+        self.value, self.epoch, self.since = value, 0, 0
+        self.weights = _save(state, names)
+
+    def offer(self, value: float, epoch: int) -> None:
+        if value < self.value - 1e-4 or (math.isnan(self.value) and not math.isnan(value)):
+            self.value, self.epoch, self.since = value, epoch, 0
+            self.weights = _save(self.state, self.names)
+        else:
+            self.since += 1
+
+    def restore(self) -> None:
+        _load(self.state, self.weights)
+
+
+def consolidate(
+    state: ModelState, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
+    hist: torch.Tensor, cfg: LearnerConfig, backend: str, gen: torch.Generator,
+    clip: tuple[float, float] | None = None,
+) -> ConsolidationReport:  # fmt: skip
+    """Consolidate on the window of recent events (row indices [n], ratings [n], the ranking
+    history each saw [n, L], time order); see the module doc. In place; returns the report.
+    Needs at least two events (else it does nothing)."""
+    t0 = time.perf_counter()
+    n = users.numel()
+    report = ConsolidationReport(events=n)
+    n_val = max(1, int(n * cfg.validation_fraction))
+    n_tr = n - n_val
+    if n < 2 or n_tr < 1:
+        return report
+    softmax = cfg.rank_by == "softmax"
+    pos = ranking.positives(ratings, cfg)
+    val = slice(n_tr, n)
+    v_pos = pos[val]
+    max_loss = (clip[1] - clip[0]) ** 2 if clip is not None else math.inf
+
+    def rating_val() -> float:
+        return online.rmse(state, users[val], items[val], ratings[val], clip)
+
+    def rank_val() -> float:
+        if not softmax or not bool(v_pos.any()):
+            return math.nan
+        return ranking.loss_of(state, hist[val][v_pos], items[val][v_pos], cfg)
+
+    best_rating = _Best(state, RATING_TABLES, rating_val())
+    best_rank = _Best(state, RANKING_TABLES, rank_val())
+    report.rating_val.append(best_rating.value)
+    report.rank_val.append(best_rank.value)
+    rng = np.random.default_rng([cfg.seed, int(state.replay_seen), 2])
+    size = state.replay_users.n
+    for epoch in range(1, cfg.consolidate_epochs + 1):
+        order = torch.from_numpy(rng.permutation(n_tr))
+        for s in range(0, n_tr, cfg.batch_size):
+            b = order[s : s + cfg.batch_size]
+            m = round(cfg.replay_ratio * b.numel()) if size else 0
+            pick = torch.from_numpy(rng.integers(0, max(size, 1), m))
+            u = torch.cat([users[b], state.replay_users.t[pick]])
+            i = torch.cat([items[b], state.replay_items.t[pick]])
+            r = torch.cat([ratings[b], state.replay_ratings.t[pick]])
+            try:
+                online.step(state, u, i, r, cfg.lr, cfg.weight_decay, cfg, backend, max_loss)
+            except DivergenceError:
+                report.rejected += 1
+            if softmax:
+                h = torch.cat([hist[b], state.replay_hist.t[pick]])
+                keep = ranking.positives(r, cfg)
+                try:
+                    ranking.step(state, h[keep], i[keep], cfg.rank_lr, cfg, gen, backend=backend)
+                except DivergenceError:
+                    report.rejected += 1
+        report.epochs = epoch
+        report.rating_val.append(rating_val())
+        report.rank_val.append(rank_val())
+        best_rating.offer(report.rating_val[-1], epoch)
+        best_rank.offer(report.rank_val[-1], epoch)
+        if min(best_rating.since, best_rank.since if softmax else cfg.patience) >= cfg.patience:
+            break
+    best_rating.restore()
+    best_rank.restore()
+    report.rating_kept, report.rank_kept = best_rating.epoch, best_rank.epoch
+    report.seconds = time.perf_counter() - t0
+    return report
