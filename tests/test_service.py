@@ -363,7 +363,7 @@ def test_replay_reservoir_is_a_uniform_deterministic_sample():
             st = ModelState(dim=2, text_dim=2)
             for s in range(0, 10_000, 300):  # ragged calls, time order
                 idx = torch.arange(s, min(s + 300, 10_000))
-                hist = torch.stack([idx, idx + 2] + [idx * 0 - 1] * 18, 1)
+                hist = torch.stack([idx, idx + 2] + [idx * 0 - 1] * (st.history_len - 2), 1)
                 online.reservoir_add(st, idx, idx + 1, idx.float() / 10_000, hist, cfg)
             runs.append(st.replay_users.t.clone())
         assert torch.equal(runs[0], runs[1])  # deterministic
