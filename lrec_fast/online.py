@@ -222,6 +222,10 @@ def reservoir_add(
         offers = np.arange(seen + fill + 1, seen + n + 1)  # 1-based index of each later event
         slot = (rng.random(n - fill) * offers).astype(np.int64)  # uniform in [0, offer)
         take = np.nonzero(slot < cap)[0]  # in time order: a later event overwrites an earlier
+        # one write per slot, the latest event's: indexed assignment with repeated indices
+        # leaves the winner unspecified (and it can differ between tables, unpairing rows)
+        _, last = np.unique(slot[take][::-1], return_index=True)
+        take = take[take.size - 1 - last]
         if take.size:
             dst = torch.from_numpy(slot[take])
             src = torch.from_numpy(take + fill)
