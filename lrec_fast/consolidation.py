@@ -124,22 +124,22 @@ def consolidate(
     report.rating_val.append(best_rating.value)
     report.rank_val.append(best_rank.value)
     rng = np.random.default_rng([cfg.seed, int(state.replay_seen), 2])
-    size = state.replay_users.n
     for epoch in range(1, cfg.consolidate_epochs + 1):
         order = torch.from_numpy(rng.permutation(n_tr))
         for s in range(0, n_tr, cfg.batch_size):
             b = order[s : s + cfg.batch_size]
-            m = round(cfg.replay_ratio * b.numel()) if size else 0
-            pick = torch.from_numpy(rng.integers(0, max(size, 1), m))
-            u = torch.cat([users[b], state.replay_users.t[pick]])
-            i = torch.cat([items[b], state.replay_items.t[pick]])
-            r = torch.cat([ratings[b], state.replay_ratings.t[pick]])
+            ru, ri, rr, rh = online.replay_sample(state, b.numel(), cfg, rng)
+            u, i, r = (
+                torch.cat([users[b], ru]),
+                torch.cat([items[b], ri]),
+                torch.cat([ratings[b], rr]),
+            )
             try:
                 online.step(state, u, i, r, cfg.lr, cfg.weight_decay, cfg, backend, max_loss)
             except DivergenceError:
                 report.rejected += 1
             if softmax:
-                h = torch.cat([hist[b], state.replay_hist.t[pick]])
+                h = torch.cat([hist[b], rh])
                 keep = ranking.positives(r, cfg)
                 try:
                     ranking.step(state, h[keep], i[keep], cfg.rank_lr, cfg, gen, backend=backend)

@@ -237,13 +237,15 @@ def reservoir_add(
 
 
 def replay_sample(
-    state: ModelState, n_new: int, cfg: LearnerConfig
+    state: ModelState, n_new: int, cfg: LearnerConfig, rng: np.random.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """round(replay_ratio * n_new) reservoir events (users, items, ratings, ranking
-    histories), drawn with replacement, seeded by (seed, offers so far, n_new)."""
+    histories), drawn with replacement from ``rng``, by default one seeded by (seed, offers
+    so far, n_new)."""
     size = state.replay_users.n
     m = round(cfg.replay_ratio * n_new) if size else 0
-    rng = np.random.default_rng([cfg.seed, int(state.replay_seen), n_new, 1])
+    if rng is None:
+        rng = np.random.default_rng([cfg.seed, int(state.replay_seen), n_new, 1])
     pick = torch.from_numpy(rng.integers(0, max(size, 1), m))
     return (state.replay_users.t[pick], state.replay_items.t[pick],
             state.replay_ratings.t[pick], state.replay_hist.t[pick])  # fmt: skip

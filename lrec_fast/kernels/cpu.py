@@ -416,6 +416,12 @@ def _step(
 _NO_ACC = np.zeros(1, np.float32)
 
 
+def _cpu_arrays(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError("the numba backend needs contiguous CPU tensors")
+
+
 def _run_step(
     tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     scales: torch.Tensor,
@@ -430,9 +436,7 @@ def _run_step(
     eps: float,
 ) -> float:
     """The numba ``StepImpl`` (see reference.steps_from)."""
-    for t in (*tables, scales, mu, *(accumulators or ())):
-        if not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError("the numba backend needs contiguous CPU tensors")
+    _cpu_arrays(*tables, scales, mu, *(accumulators or ()))
     acc = [a.numpy() for a in accumulators] if accumulators else [_NO_ACC] * 4
     u, v, bu, bv = (t.numpy() for t in tables)
     loss = _step(u, v, bu, bv, scales.numpy(), mu.numpy(), users.numpy(), items.numpy(),
@@ -446,12 +450,6 @@ mf_sgd_step, mf_adagrad_step = steps_from(_run_step)
 
 # ---------------------------------------------------------------------------------------------
 # the ranking head: histories and the softmax step (contracts in reference.py)
-
-
-def _cpu_arrays(*tensors: torch.Tensor) -> None:
-    for t in tensors:
-        if not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError("the numba backend needs contiguous CPU tensors")
 
 
 @njit(cache=True)
