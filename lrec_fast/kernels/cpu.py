@@ -176,29 +176,32 @@ def _fold(
     ts: np.ndarray,
     ti: np.ndarray,
     tn: np.ndarray,
+    lim: np.ndarray,
 ) -> None:
-    """Fold a tile of raw dot products [B, T] (items j0 .. j0+T-1) into the running sorted
-    top-k lists: one compare per score against the k-th best, the exact path out of line,
+    """Fold a tile of raw dot products [T, B] (items j0 .. j0+T-1, one row per item: the
+    GEMM's fast layout) into the running sorted top-k lists. Per item, one vectorised test of
+    all B scores against the lists' k-th best ``lim`` [B] (NaN while a list is not full, so
+    that everything, NaN included, takes the exact path then); the exact path is out of line,
     as in the fused scan."""
-    nb, width = raw.shape
-    mult = np.empty(width, np.float32)
-    add = np.zeros(width, np.float32)
+    width, nb = raw.shape
+    sc = np.empty(nb, np.float32)
     for jj in range(width):
-        mult[jj] = alpha * row_scale[j0 + jj] if use_rs else alpha
-        if use_bias:
-            add[jj] = bias[j0 + jj]
-    for b in range(nb):
-        cnt = tn[b]
-        lim = ts[b, k - 1] if cnt == k else np.float32(np.inf)
-        e_lo, e_hi = ex_ptr[b], ex_ptr[b + 1]
-        for jj in range(width):
-            sc = raw[b, jj] * mult[jj] + add[jj]
-            if cnt == k and not sc > lim:
+        j = j0 + jj
+        mult = alpha * row_scale[j] if use_rs else alpha
+        add = bias[j] if use_bias else np.float32(0.0)
+        hit = False
+        for b in range(nb):
+            sc[b] = raw[jj, b] * mult + add
+            hit |= not sc[b] <= lim[b]
+        if not hit:
+            continue
+        for b in range(nb):
+            if sc[b] <= lim[b]:
                 continue
-            cnt = _consider(sc, j0 + jj, ex_idx, e_lo, e_hi, k, ts[b], ti[b], cnt)
+            cnt = _consider(sc[b], j, ex_idx, ex_ptr[b], ex_ptr[b + 1], k, ts[b], ti[b], tn[b])
+            tn[b] = cnt
             if cnt == k:
-                lim = ts[b, k - 1]
-        tn[b] = cnt
+                lim[b] = ts[b, k - 1]
 
 
 @njit(cache=True)
@@ -302,14 +305,19 @@ def score_topk(
         ts = np.full((nb, kk), -np.inf, np.float32)
         ti = np.full((nb, kk), -1, np.int64)
         tn = np.zeros(nb, np.int64)
+        lim = np.full(nb, np.nan, np.float32)
         tile = max(256, TILE_BYTES // (4 * nb))
-        qt = torch.from_numpy(q)
+        qt = torch.from_numpy(q).T.contiguous()
+        buf = torch.empty(min(tile, n), nb)
         for j0 in range(0, n, tile):
             # torch's GEMM, not numpy's: callers run torch ops around this call, and torch's
             # OpenMP pool and OpenBLAS's threads spin against each other when they alternate
             # (measured 8x slower in the Recommender facade); the fold runs on this thread.
-            raw = torch.mm(qt, items[j0 : j0 + tile].float().T).numpy()
-            _fold(raw, j0, rs, use_rs, bias, use_bias, alpha, ex_ptr, ex_idx, kk, ts, ti, tn)
+            # items @ q.T, not q @ items.T: 2.2x faster here (1M x 64 by 64 queries).
+            rows = items[j0 : j0 + tile].float()
+            raw = torch.mm(rows, qt, out=buf[: rows.shape[0]]).numpy()
+            _fold(raw, j0, rs, use_rs, bias, use_bias, alpha, ex_ptr, ex_idx, kk, ts, ti, tn,
+                  lim)  # fmt: skip
         out_s[:, :kk] = ts
         out_i[:, :kk] = ti
     return torch.from_numpy(out_s), torch.from_numpy(out_i)
