@@ -6,8 +6,9 @@ nothing else:
     encoder.onnx          text encoder graph (lrec_fast.text.onnx_encoder), in ``precision``
     tables.safetensors    item rows (fp32 | fp16 | int8 + item_row_scale fp32 [N]), item_bias,
                           user_rows, user_bias, mu: the rating model (predict);
-                          rank_rows (same precision, + rank_row_scale), item_rank_bias (with
-                          the recency prior at export time), ctx_rows, user_recent: what
+                          rank_rows (same precision, + rank_row_scale), item_rank_bias and
+                          item_rank_bias_cold (with the recency prior at export time, for
+                          users with and without a ranking history), ctx_rows, user_recent: what
                           recommend scores (the ranking head, or the rating rows for
                           rank_by="rating"); proj (text -> every item value), seen (CSR)
     ids.json              external user and item ids, in row order
@@ -162,6 +163,7 @@ def _serving_state(
         "item_bias": st.true_item_bias().numpy().astype(np.float32),
         **_item_table(rank_rows.numpy(), precision, "rank"),
         "item_rank_bias": online.rank_bias(st, cfg).numpy().astype(np.float32),
+        "item_rank_bias_cold": online.rank_bias(st, cfg, cold=True).numpy().astype(np.float32),
         "ctx_rows": st.ctx_rows.t.numpy().astype(np.float32),
         "user_recent": st.user_recent.t.numpy(),
         "user_rows": st.true_user_rows().numpy().astype(np.float32),
@@ -233,6 +235,7 @@ class Deployment:
         # what recommend scores: rows (+ int8 scales) and the item term with the recency prior
         self.rank_rows, self.rank_row_scale = t["rank_rows"], t.get("rank_row_scale")
         self.item_rank_bias = t["item_rank_bias"]
+        self.item_rank_bias_cold = t.get("item_rank_bias_cold", self.item_rank_bias)
         self.ctx_rows, self.user_recent = t["ctx_rows"], t["user_recent"]
         self.rank_by: str = self.manifest["rank_by"]
         self.user_bias = t["user_bias"]
@@ -296,18 +299,22 @@ class Deployment:
         """As ``Recommender.recommend``: (item ids [B, k], ranking scores float32 [B, k])."""
         import torch
 
-        from . import kernels
-        from .service import _as_ids, check_k, external_ids, seen_csr
+        from .ranking import cold_users
+        from .service import _as_ids, check_k, external_ids, ranked_topk
 
         ids = _as_ids(user_ids, "user_ids")
         check_k(k)
         with self._lock:
             q, offset, idx = self._rank_queries(ids)
-            excl = seen_csr([self._seen[i] if (exclude_seen and i >= 0) else () for i in idx])
+            seen = [self._seen[i] if (exclude_seen and i >= 0) else () for i in idx]
+            cold = cold_users(
+                torch.from_numpy(self.user_recent), torch.tensor(idx, dtype=torch.int64)
+            )
             rs = self.rank_row_scale
-            scores, top = kernels.score_topk(
-                torch.from_numpy(q), torch.from_numpy(self.rank_rows), int(k),
-                item_bias=torch.from_numpy(self.item_rank_bias), exclude=excl,
+            terms = (torch.from_numpy(self.item_rank_bias),
+                     torch.from_numpy(self.item_rank_bias_cold))  # fmt: skip
+            scores, top = ranked_topk(
+                torch.from_numpy(q), torch.from_numpy(self.rank_rows), int(k), terms, cold, seen,
                 row_scale=torch.from_numpy(rs) if rs is not None else None,
             )  # fmt: skip
             scores = scores.numpy() + offset[:, None]
@@ -351,6 +358,7 @@ class Deployment:
         new = {**_item_table(v["item_rows"], self.precision),
                **_item_table(v[rank[0]], self.precision, "rank"),
                "item_bias": v["item_bias"][:, 0], "item_rank_bias": v[rank[1]][:, 0],
+               "item_rank_bias_cold": v[rank[1]][:, 0],
                "ctx_rows": v["ctx_rows"]}  # no events yet: no recency prior  # fmt: skip
         with self._lock:
             known = [j for j in ids if j in self._items]

@@ -10,7 +10,7 @@ over the user's last ``history_len`` item rows h_0 (newest), h_1, ...; no histor
 (then the ranking is the item bias alone, a learned popularity). Score of item j:
 
     s(u, j) = <q_u, T[j]> + t_b[j]  (+ prior_weight * log(1 + recent count of j), the recency
-    prior, added by the caller)
+    prior, added by the caller; with cold_prior_weight for users with no history)
 
 C (context rows), T (target rows) and t_b are trained with softmax cross-entropy of the item
 each event names, against every item (exact) when the catalogue has at most ``negatives``
@@ -75,6 +75,14 @@ def queries(state: ModelState, users: torch.Tensor, cfg: LearnerConfig) -> torch
     hist = state.user_recent.t[users.clamp_min(0)]
     hist = torch.where(users[:, None] >= 0, hist, PAD)
     return fold_in(state.ctx_rows.t, hist, history_weights(cfg.history_decay, cfg.history_len))
+
+
+def cold_users(recent: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+    """Which users have no ranking history, bool [B]: unknown (-1) or every slot of their row of
+    ``recent`` (the histories, int64 [n_users, L]) empty."""
+    if recent.shape[0] == 0:
+        return torch.ones(users.numel(), dtype=torch.bool)
+    return (users < 0) | (recent[users.clamp_min(0)] < 0).all(1)
 
 
 PROPOSAL_REFRESH = 1_000  # ranking steps between rebuilds of the sampling proposal

@@ -71,6 +71,28 @@ def seen_csr(sets: Sequence[Iterable[int]]) -> tuple[torch.Tensor, torch.Tensor]
     return torch.from_numpy(indptr), torch.from_numpy(flat)
 
 
+def ranked_topk(
+    q: torch.Tensor, rows: torch.Tensor, k: int, item_terms: tuple[torch.Tensor, torch.Tensor],
+    cold: torch.Tensor, exclude: Sequence[Iterable[int]], backend: str | None = None,
+    **kw: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``kernels.score_topk`` of queries [B, d] against ``rows``, each query with the item term
+    [n_items] of its group: ``item_terms[0]`` for users with a ranking history, ``[1]`` for
+    the cold ones (bool [B]); at most one kernel call per group. ``exclude``: item rows per
+    query. Returns (scores float32 [B, k], rows int64 [B, k])."""
+    out_s = torch.full((q.shape[0], k), -torch.inf)
+    out_i = torch.full((q.shape[0], k), -1, dtype=torch.int64)
+    for flag, term in zip((False, True), item_terms, strict=True):
+        sel = torch.nonzero(cold == flag).flatten()
+        if sel.numel() == 0:
+            continue
+        excl = seen_csr([exclude[j] for j in sel.tolist()])
+        s, i = kernels.score_topk(q[sel], rows, k, item_bias=term, exclude=excl,
+                                  backend=backend, **kw)  # fmt: skip
+        out_s[sel], out_i[sel] = s, i
+    return out_s, out_i
+
+
 def external_ids(top: torch.Tensor, item_ids: np.ndarray) -> np.ndarray:
     """Row indices [B, k] (-1 = none) -> the caller's item ids (-1, or "" for string ids)."""
     pad: Any = -1 if item_ids.dtype != object else ""
@@ -388,45 +410,50 @@ class Recommender:
             s = q @ v.T + self.state.true_item_bias()[None, :] + b[:, None] + float(self.state.mu)
             return s.numpy()
 
-    def _ranking(self, ids: list[Id]) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor,
+    def _ranking(self, ids: list[Id]) -> tuple[torch.Tensor, torch.Tensor, float,
+                                               tuple[torch.Tensor, torch.Tensor], torch.Tensor,
                                                torch.Tensor, list[int]]:  # fmt: skip
         """What ``recommend`` scores with: queries [B, d], raw item rows, their scale, the item
-        term [n_items], per-query offsets [B] and the user rows (-1 = unknown)."""
-        st = self.state
-        if self.config.rank_by == "softmax":
-            idx = [st.users.index.get(x, -1) for x in ids]
-            q = ranking.queries(st, torch.tensor(idx, dtype=torch.int64), self.config)
-            offset = torch.zeros(len(ids))
-            return q, st.tgt_rows.t, 1.0, online.rank_bias(st, self.config), offset, idx
+        terms [n_items] (users with a ranking history, cold users), per-query offsets [B],
+        which queries are cold (bool [B]) and the user rows (-1 = unknown)."""
+        st, cfg = self.state, self.config
+        idx = [st.users.index.get(x, -1) for x in ids]
+        users = torch.tensor(idx, dtype=torch.int64)
+        cold = ranking.cold_users(st.user_recent.t, users)
+        terms = (online.rank_bias(st, cfg), online.rank_bias(st, cfg, cold=True))
+        if cfg.rank_by == "softmax":
+            q = ranking.queries(st, users, cfg)
+            return q, st.tgt_rows.t, 1.0, terms, torch.zeros(len(ids)), cold, idx
         q, b, idx = self._queries(ids)
-        return (q, st.item_rows.t, float(st.scales[SCALE_ITEM]), online.rank_bias(st, self.config),
-                b + float(st.mu), idx)  # fmt: skip
+        return (q, st.item_rows.t, float(st.scales[SCALE_ITEM]), terms, b + float(st.mu), cold,
+                idx)  # fmt: skip
 
     def rank_all(self, user_ids: Sequence[Id] | np.ndarray) -> np.ndarray:
         """The ranking scores ``recommend`` orders by, float32 [B, n_items]: the ranking head's
         score (``rank_by="softmax"``, the default) or the predicted rating ("rating"), plus the
-        recency prior (``LearnerConfig.prior_weight``)."""
+        recency prior (``LearnerConfig.prior_weight``; ``cold_prior_weight`` for users with no
+        ranking history)."""
         ids = _as_ids(user_ids, "user_ids")
         with self._lock:
-            q, v, scale, rb, offset, _ = self._ranking(ids)
-            return ((q @ v.T) * scale + rb[None, :] + offset[:, None]).numpy()
+            q, v, scale, (rb, rb_cold), offset, cold, _ = self._ranking(ids)
+            term = torch.where(cold[:, None], rb_cold[None, :], rb[None, :])
+            return ((q @ v.T) * scale + term + offset[:, None]).numpy()
 
     def recommend(
         self, user_ids: Sequence[Id] | np.ndarray, k: int = 10, exclude_seen: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k items per user: (item ids [B, k], ranking scores float32 [B, k]), best first,
-        ties by catalogue order. The ranking score is the predicted rating plus the recency
-        prior (``rank_all``). Unknown users get the cold-start answer (the mean user). Where
-        fewer than k items are eligible, the tail holds id -1 (or "" for string ids) and score
-        -inf."""
+        ties by catalogue order. The ranking score is what ``rank_all`` gives. Unknown users
+        get the cold-start answer. Where fewer than k items are eligible, the tail holds id -1
+        (or "" for string ids) and score -inf."""
         ids = _as_ids(user_ids, "user_ids")
         check_k(k)
         with self._lock:
             st = self.state
-            q, v, scale, rb, offset, idx = self._ranking(ids)
-            exclude = seen_csr([st.seen[i] if (exclude_seen and i >= 0) else () for i in idx])
-            scores, top = kernels.score_topk(q, v, int(k), item_bias=rb, item_scale=scale,
-                                             exclude=exclude, backend=self.backend)  # fmt: skip
+            q, v, scale, terms, offset, cold, idx = self._ranking(ids)
+            seen = [st.seen[i] if (exclude_seen and i >= 0) else () for i in idx]
+            scores, top = ranked_topk(q, v, int(k), terms, cold, seen, self.backend,
+                                      item_scale=scale)  # fmt: skip
             scores = scores + offset[:, None]
             return external_ids(top, st.items.array()), scores.numpy().astype(np.float32)
 

@@ -154,7 +154,7 @@ def test_add_items_through_the_onnx_encoder(trained, deployed, torch_encoder, pr
     got = np.stack([dep.predict(users, [j] * len(users)) for j in ids], axis=1)
     np.testing.assert_allclose(got, want, atol=1e-3 if precision == "fp32" else 0.1)
     # and the same ranking scores: the ranking head's text prior
-    qr, _, _, _, _, _ = trained._ranking(users)
+    qr = trained._ranking(users)[0]
     # from the deployment's own embeddings (its encoder's int8 error is tested elsewhere), so
     # only the row rounding remains: at most amax/254 per value, |q|_1 x that per score
     out = torch.from_numpy(dep.encoder.encode(texts)) @ trained.state.proj.T

@@ -66,11 +66,12 @@ def test_feedback_moves_predictions_toward_ratings(fitted):
 
 
 def test_cold_user_answers(fitted):
-    """An unknown user ranks by the item term alone (learned bias + recency prior); after one
-    feedback call the answer is folded in from the items just rated, before any other step."""
+    """An unknown user ranks by the item term alone (learned bias + recency prior, with the
+    cold weight); after one feedback call the answer is folded in from the items just rated,
+    before any other step."""
     items, _scores = fitted.recommend(["nobody"], k=3)
     st = fitted.state
-    full = online.rank_bias(st, fitted.config)
+    full = online.rank_bias(st, fitted.config, cold=True)
     assert items[0].tolist() == [st.items.ids[j] for j in torch.argsort(-full, stable=True)[:3]]
     fitted.feedback(["newbie", "newbie"], [1, 2], [5.0, 5.0])
     assert "newbie" in fitted.state.users
@@ -86,11 +87,47 @@ def test_cold_user_answers(fitted):
     fitted.config.rank_by = "rating"
     try:
         q = st.true_user_rows().mean(0)
-        full = st.true_item_rows() @ q + online.rank_bias(st, fitted.config)
+        full = st.true_item_rows() @ q + online.rank_bias(st, fitted.config, cold=True)
         items, _ = fitted.recommend(["nobody"], k=3)
         assert items[0].tolist() == [st.items.ids[j] for j in torch.argsort(-full)[:3].tolist()]
     finally:
         fitted.config.rank_by = "softmax"
+
+
+@pytest.mark.parametrize("rank_by", ["softmax", "rating"])
+def test_cold_users_rank_with_the_cold_prior_weight(fitted, rank_by):
+    """Users with no ranking history (unknown, or only events below rank_min_rating) get the
+    prior with cold_prior_weight, the others with prior_weight, also mixed in one batch; None
+    means prior_weight for everyone."""
+    fitted.feedback(["grumpy"], [3], [1.0])  # known, but no positive: still cold
+    fitted.config.rank_by = rank_by
+    st, cfg = fitted.state, fitted.config
+    users = [0, "nobody", "grumpy", 1]
+    recent = torch.log1p(st.recent_counts()).float()
+    assert (recent > 0).any() and cfg.cold_prior_weight != cfg.prior_weight
+    for cold_weight in (cfg.cold_prior_weight, 0.25, None):
+        cfg.cold_prior_weight = cold_weight
+        got = fitted.rank_all(users)
+        ids, scores = fitted.recommend(users, k=6)
+        cfg.cold_prior_weight = cfg.prior_weight  # the same model with one weight for all
+        same = fitted.rank_all(users)
+        w = cfg.prior_weight if cold_weight is None else cold_weight
+        delta = ((w - cfg.prior_weight) * recent).numpy()
+        np.testing.assert_allclose(got[[0, 3]], same[[0, 3]], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got[[1, 2]], same[[1, 2]] + delta, rtol=1e-5, atol=1e-5)
+        for b, u in enumerate(users):  # recommend = the top of rank_all, batch or alone
+            cfg.cold_prior_weight = cold_weight
+            one_ids, one_scores = fitted.recommend([u], k=6)
+            assert one_ids[0].tolist() == ids[b].tolist()
+            np.testing.assert_allclose(one_scores[0], scores[b], rtol=1e-6)
+            row = st.users.index.get(u, -1)
+            seen = st.seen[row] if row >= 0 else set()
+            cols = [st.items.index[j] for j in ids[b].tolist()]
+            assert not seen & set(cols)
+            np.testing.assert_allclose(got[b][cols], scores[b], rtol=1e-5, atol=1e-5)
+            rest = np.delete(got[b], list(seen | set(cols)))
+            assert rest.max() <= scores[b].min() + 1e-6
+    cfg.rank_by = "softmax"
 
 
 def test_new_items_from_text(fitted):
