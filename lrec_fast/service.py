@@ -80,12 +80,14 @@ def ranked_topk(
     [n_items] of its group: ``item_terms[0]`` for users with a ranking history, ``[1]`` for
     the cold ones (bool [B]); at most one kernel call per group. ``exclude``: item rows per
     query. Returns (scores float32 [B, k], rows int64 [B, k])."""
+    n_cold = int(cold.sum())
+    if n_cold in (0, q.shape[0]):  # one group: no gather, no scatter
+        return kernels.score_topk(q, rows, k, item_bias=item_terms[n_cold > 0],
+                                  exclude=seen_csr(exclude), backend=backend, **kw)  # fmt: skip
     out_s = torch.full((q.shape[0], k), -torch.inf)
     out_i = torch.full((q.shape[0], k), -1, dtype=torch.int64)
     for flag, term in zip((False, True), item_terms, strict=True):
         sel = torch.nonzero(cold == flag).flatten()
-        if sel.numel() == 0:
-            continue
         excl = seen_csr([exclude[j] for j in sel.tolist()])
         s, i = kernels.score_topk(q[sel], rows, k, item_bias=term, exclude=excl,
                                   backend=backend, **kw)  # fmt: skip
@@ -420,7 +422,10 @@ class Recommender:
         idx = [st.users.index.get(x, -1) for x in ids]
         users = torch.tensor(idx, dtype=torch.int64)
         cold = ranking.cold_users(st.user_recent.t, users)
-        terms = (online.rank_bias(st, cfg), online.rank_bias(st, cfg, cold=True))
+        n_cold = int(cold.sum())
+        empty = torch.empty(0)  # a group with no query needs no item term
+        terms = (online.rank_bias(st, cfg) if n_cold < len(ids) or not ids else empty,
+                 online.rank_bias(st, cfg, cold=True) if n_cold else empty)  # fmt: skip
         if cfg.rank_by == "softmax":
             q = ranking.queries(st, users, cfg)
             return q, st.tgt_rows.t, 1.0, terms, torch.zeros(len(ids)), cold, idx
@@ -436,7 +441,10 @@ class Recommender:
         ids = _as_ids(user_ids, "user_ids")
         with self._lock:
             q, v, scale, (rb, rb_cold), offset, cold, _ = self._ranking(ids)
-            term = torch.where(cold[:, None], rb_cold[None, :], rb[None, :])
+            if bool(cold.all()) or not bool(cold.any()):
+                term = (rb_cold if bool(cold.any()) else rb)[None, :]
+            else:
+                term = torch.where(cold[:, None], rb_cold[None, :], rb[None, :])
             return ((q @ v.T) * scale + term + offset[:, None]).numpy()
 
     def recommend(

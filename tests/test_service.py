@@ -127,6 +127,8 @@ def test_cold_users_rank_with_the_cold_prior_weight(fitted, rank_by):
             np.testing.assert_allclose(got[b][cols], scores[b], rtol=1e-5, atol=1e-5)
             rest = np.delete(got[b], list(seen | set(cols)))
             assert rest.max() <= scores[b].min() + 1e-6
+    ids, scores = fitted.recommend([], k=4)  # no query at all
+    assert ids.shape == scores.shape == (0, 4) and fitted.rank_all([]).shape == (0, 80)
     cfg.rank_by = "softmax"
 
 
