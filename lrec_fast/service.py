@@ -440,12 +440,12 @@ class Recommender:
         ranking history)."""
         ids = _as_ids(user_ids, "user_ids")
         with self._lock:
-            q, v, scale, (rb, rb_cold), offset, cold, _ = self._ranking(ids)
-            if bool(cold.all()) or not bool(cold.any()):
-                term = (rb_cold if bool(cold.any()) else rb)[None, :]
-            else:
-                term = torch.where(cold[:, None], rb_cold[None, :], rb[None, :])
-            return ((q @ v.T) * scale + term + offset[:, None]).numpy()
+            q, v, scale, terms, offset, cold, _ = self._ranking(ids)
+            out = (q @ v.T) * scale + offset[:, None]
+            for flag, term in zip((False, True), terms, strict=True):
+                if term.numel():  # built only where the batch has such a query
+                    out[cold == flag] += term
+            return out.numpy()
 
     def recommend(
         self, user_ids: Sequence[Id] | np.ndarray, k: int = 10, exclude_seen: bool = True
