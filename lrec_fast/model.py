@@ -145,8 +145,22 @@ class ModelState:
     proj: torch.Tensor = field(init=False)
     proj_fitted: bool = False
     seen: list[set[int]] = field(default_factory=list)  # item rows each user interacted with
-    # Derived, never saved: the ranking head's negative-sampling proposal (ranking._proposal),
-    # rebuilt when the catalogue changes size or after PROPOSAL_REFRESH steps.
+    # Consolidation window: the newest events learned from (time order; trimmed to the
+    # configured size in amortised O(1) per event, see ``remember``), and how many events were
+    # learned from since the last consolidation, so a reloaded model keeps its cadence.
+    window_users: Rows = field(init=False)
+    window_items: Rows = field(init=False)
+    window_ratings: Rows = field(init=False)
+    window_hist: Rows = field(init=False)
+    since_consolidation: torch.Tensor = field(
+        default_factory=lambda: torch.zeros(1, dtype=torch.int64)
+    )
+    # Random source of the learner (row initialisation, sampled negatives, shuffles), saved
+    # with the checkpoint so a reloaded model continues exactly as the original would.
+    rng: torch.Generator = field(default_factory=torch.Generator, repr=False, compare=False)
+    # The ranking head's negative-sampling proposal (ranking.Proposal), rebuilt when the
+    # catalogue changes size or after PROPOSAL_REFRESH steps; saved with the rest, since a
+    # reloaded model must draw from the same (slightly stale) proposal to continue exactly.
     rank_proposal: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -166,6 +180,10 @@ class ModelState:
         for name in ("tgt_bias", "ctx_acc", "tgt_acc", "tgt_bias_acc"):
             setattr(self, name, Rows(None))
         self.user_recent = Rows(self.history_len, torch.int64)
+        self.window_users = Rows(None, torch.int64)
+        self.window_items = Rows(None, torch.int64)
+        self.window_ratings = Rows(None, torch.float32)
+        self.window_hist = Rows(self.history_len, torch.int64)
         self.proj = torch.zeros(3 * self.dim + 2, self.text_dim)
 
     def proj_slices(self) -> dict[str, slice]:
@@ -234,9 +252,34 @@ class ModelState:
         self.item_count.append(torch.zeros(n, dtype=torch.int64))
         self.item_recent.append(torch.zeros(n, dtype=torch.float64))
 
+    # -- consolidation window ----------------------------------------------------------------
+    WINDOW_TABLES = ("window_users", "window_items", "window_ratings", "window_hist")
+
+    def remember(self, events: tuple[torch.Tensor, ...], size: int) -> None:
+        """Append events (user rows, item rows, ratings, histories; time order) to the
+        consolidation window, keeping at least the newest ``size``: the tables are cut back to
+        ``size`` rows once they reach twice that, so the cost per event is O(1) amortised."""
+        tables = [getattr(self, name) for name in self.WINDOW_TABLES]
+        for table, t in zip(tables, events, strict=True):
+            table.append(t)
+        if self.window_users.n > 2 * size:
+            for table in tables:
+                table.set(table.t[table.n - size :].clone())
+
+    def window(self, size: int) -> tuple[torch.Tensor, ...]:
+        """The newest ``size`` events of the window (or all it holds): user rows, item rows,
+        ratings, histories, time order."""
+        start = max(self.window_users.n - size, 0)
+        return tuple(getattr(self, name).t[start:] for name in self.WINDOW_TABLES)
+
     # -- snapshots (rollback) --------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of the state (live rows only), for checkpoints and snapshots."""
+        p = self.rank_proposal
+        proposal = {} if p is None else {
+            "proposal_cdf": p.cdf, "proposal_logq": p.logq,
+            "proposal_steps": torch.tensor([p.steps], dtype=torch.int64),
+        }  # fmt: skip
         indptr = np.zeros(len(self.seen) + 1, dtype=np.int64)
         indptr[1:] = np.cumsum([len(s) for s in self.seen])
         flat = [j for s in self.seen for j in sorted(s)]
@@ -251,10 +294,13 @@ class ModelState:
             "tgt_rows": self.tgt_rows.t, "tgt_bias": self.tgt_bias.t, "ctx_acc": self.ctx_acc.t,
             "tgt_acc": self.tgt_acc.t, "tgt_bias_acc": self.tgt_bias_acc.t,
             "user_recent": self.user_recent.t,
+            "window_users": self.window_users.t, "window_items": self.window_items.t,
+            "window_ratings": self.window_ratings.t, "window_hist": self.window_hist.t,
+            "since_consolidation": self.since_consolidation, "rng_state": self.rng.get_state(),
             "scales": self.scales, "mu": self.mu, "proj": self.proj,
             "seen_indptr": torch.from_numpy(indptr),
             "seen_indices": torch.tensor(flat, dtype=torch.int64),
-        }  # fmt: skip
+        } | proposal  # fmt: skip
 
     ROW_TABLES = ("user_rows", "item_rows", "user_bias", "item_bias", "item_text", "item_count",
                   "item_recent", "replay_users", "replay_items", "replay_ratings", "replay_hist",
@@ -270,6 +316,22 @@ class ModelState:
                              f"expected {self.history_len}")  # fmt: skip
         for name in self.ROW_TABLES:
             getattr(self, name).set(t[name].clone())
+        # checkpoints before the window was saved start with an empty one
+        for name in self.WINDOW_TABLES:
+            if name in t:
+                getattr(self, name).set(t[name].clone())
+            else:
+                getattr(self, name).n = 0
+        zero = torch.zeros(1, dtype=torch.int64)
+        self.since_consolidation = t.get("since_consolidation", zero).clone()
+        if "rng_state" in t:
+            self.rng.set_state(t["rng_state"].clone())
+        self.rank_proposal = None
+        if "proposal_cdf" in t:
+            from .ranking import Proposal
+
+            self.rank_proposal = Proposal(t["proposal_cdf"].clone(), t["proposal_logq"].clone(),
+                                          int(t["proposal_steps"]))  # fmt: skip
         self.recent_scale = t["recent_scale"].clone()
         self.replay_seen = t["replay_seen"].clone()
         self.scales = t["scales"].clone().to(torch.float64)

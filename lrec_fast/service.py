@@ -147,11 +147,7 @@ class Recommender:
         self.rating_range = (float(rating_range[0]), float(rating_range[1]))
         text_dim = encoder.dim if isinstance(encoder, TextEncoder) else self._text_dim_of(encoder)
         self.state = ModelState(dim=dim, text_dim=text_dim, history_len=self.config.history_len)
-        self._rng = torch.Generator().manual_seed(self.config.seed)
-        # the most recent events learned from, for consolidation (in memory, not checkpointed):
-        # chunks of (user rows, item rows, ratings, histories), time order
-        self._window: list[tuple[torch.Tensor, ...]] = []
-        self._since_consolidation = 0
+        self.state.rng.manual_seed(self.config.seed)
         self._lock = threading.RLock()
         log.info("Recommender: backend %s, dim %d", self._backend.name, dim)
 
@@ -208,7 +204,7 @@ class Recommender:
             rows = online.text_prior(self.state, emb)
         else:
             n, d, std = len(ids), self.state.dim, self.config.init_std
-            rows = {k: torch.randn(n, d, generator=self._rng) * std
+            rows = {k: torch.randn(n, d, generator=self.state.rng) * std
                     for k in ("item_rows", "tgt_rows", "ctx_rows")}  # fmt: skip
             rows |= {"item_bias": torch.zeros(n), "tgt_bias": torch.zeros(n)}
         self.state.add_items(ids, rows, emb)
@@ -221,7 +217,7 @@ class Recommender:
             rows = self.state.true_user_rows().mean(0, keepdim=True).expand(n, -1).clone()
             bias = self.state.true_user_bias().mean().expand(n).clone()
         else:
-            rows = torch.randn(n, self.state.dim, generator=self._rng) * self.config.init_std
+            rows = torch.randn(n, self.state.dim, generator=self.state.rng) * self.config.init_std
             bias = torch.zeros(n)
         self.state.add_users(ids, rows, bias)
 
@@ -266,10 +262,10 @@ class Recommender:
                 hist = ranking.histories(self.state, ui, ii, self.backend, keep)
                 if self.config.rank_by == "softmax":
                     report.rank_best_epoch, report.rank_val_loss = ranking.fit(
-                        self.state, hist[keep], ii[keep], self.config, self._rng, self.backend
+                        self.state, hist[keep], ii[keep], self.config, self.state.rng, self.backend
                     )
                 online.reservoir_add(self.state, ui, ii, r, hist, self.config)
-                self._remember(ui, ii, r, hist)
+                self.state.remember((ui, ii, r, hist), self.config.consolidate_window)
                 self._refresh_text_priors()
             except BaseException:
                 self.state.restore(snap)
@@ -304,6 +300,7 @@ class Recommender:
             chunk = cfg.lr_batch if 0 < cfg.lr_batch < n else n
             # one chunk: each step can take itself back (undo); several need a whole snapshot
             mark, snap = st.mark(), (st.snapshot() if chunk < n else None)
+            rng_state = st.rng.get_state()
             undo: list[Any] = []
             try:
                 if emb is not None:
@@ -327,7 +324,7 @@ class Recommender:
                     if cfg.rank_by == "softmax":
                         pos = ranking.positives(torch.cat([cr, rr]), cfg)
                         ranking.step(st, torch.cat([ch, rh])[pos], torch.cat([ci, ri])[pos],
-                                     cfg.rank_lr, cfg, self._rng, undo, self.backend)  # fmt: skip
+                                     cfg.rank_lr, cfg, st.rng, undo, self.backend)  # fmt: skip
                     sq += (loss if new_loss is None else new_loss) * len(cu)
                 loss = sq / n
             except BaseException:
@@ -337,46 +334,35 @@ class Recommender:
                     for fn in reversed(undo):
                         fn()
                     st.truncate(mark)
+                    st.rng.set_state(rng_state)
                 raise
             online.count_events(st, ii, cfg)
             online.reservoir_add(st, ui, ii, r, hist, cfg)
-            self._remember(ui, ii, r, hist)
+            st.remember((ui, ii, r, hist), cfg.consolidate_window)
+            st.since_consolidation += n
             for a, b in zip(ui.tolist(), ii.tolist(), strict=True):
                 self.state.seen[a].add(b)
-            self._since_consolidation += n
-            if 0 < cfg.consolidate_every <= self._since_consolidation:
+            if 0 < cfg.consolidate_every <= int(st.since_consolidation):
                 self.consolidate()
             return loss
 
-    def _remember(self, *events: torch.Tensor) -> None:
-        """Keep the newest ``consolidate_window`` events learned from."""
-        self._window.append(events)
-        excess = sum(len(c[0]) for c in self._window) - self.config.consolidate_window
-        while excess > 0:
-            first = self._window[0]
-            if len(first[0]) <= excess:
-                excess -= len(self._window.pop(0)[0])
-            else:
-                self._window[0] = tuple(t[excess:].clone() for t in first)
-                excess = 0
-
     def consolidate(self) -> ConsolidationReport:
-        """Consolidate now on the newest ``consolidate_window`` events learned from (since
-        this object was made or loaded): replay-mixed passes, validation on the newest share,
+        """Consolidate now on the newest ``consolidate_window`` events learned from (warm-up
+        included; checkpoints keep them): replay-mixed passes, validation on the newest share,
         early stopping, per-head rollback to the weights before it if validation does not
         improve, then the text projection refitted (``lrec_fast.consolidation``). Runs under
         the lock (answers wait for it); all or nothing on an unexpected error."""
         with self._lock:
-            self._since_consolidation = 0
             cap = self.config.consolidate_window
-            total = sum(len(c[0]) for c in self._window)
-            if cap < 2 or total < 2:
-                return ConsolidationReport(events=min(cap, total))
-            u, i, r, h = (torch.cat(parts)[-cap:] for parts in zip(*self._window, strict=True))
+            u, i, r, h = (t.clone() for t in self.state.window(cap))
+            if cap < 2 or u.numel() < 2:
+                self.state.since_consolidation.zero_()
+                return ConsolidationReport(events=u.numel())
             snap = self.state.snapshot()
             try:
+                self.state.since_consolidation.zero_()
                 report = consolidation.consolidate(
-                    self.state, u, i, r, h, self.config, self.backend, self._rng,
+                    self.state, u, i, r, h, self.config, self.backend, self.state.rng,
                     self.rating_range,
                 )  # fmt: skip
                 self._refresh_text_priors()
