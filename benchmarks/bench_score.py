@@ -22,7 +22,16 @@ from lrec_fast import kernels
 from lrec_fast.kernels.reference import quantize_rows
 
 from .conftest import N_ITEMS, SMALL
-from .floors import floor_ms, median_ms, read_bandwidth_gbs
+from .floors import (
+    READ_PASS_BYTES,
+    floor_ms,
+    interleaved_ms,
+    median_ms,
+    read_bandwidth_gbs,
+    read_pass,
+    round_median,
+    round_ratio,
+)
 
 DIMS = [64] if SMALL else [64, 384]
 BATCHES = [1, 64]
@@ -92,29 +101,35 @@ def test_score(benchmark, impl, n, d, b, k):
 
 
 def report() -> str:
+    """One table: per grid row, every implementation and a read pass over a table-sized array
+    timed in interleaved rounds; times are medians over rounds, ratios medians of the
+    per-round ratios (so a drift of the machine's speed moves both sides alike)."""
     bw = read_bandwidth_gbs()
     lines = [
-        f"read bandwidth {bw:.1f} GB/s; ms (x fp32 table-read floor)",
+        f"read bandwidth {bw:.1f} GB/s (1 GiB pass); ms, median of interleaved rounds "
+        "(x the floor: the fp32 table at the bandwidth of a 1 GiB read pass in the same round)",
         "| N | d | B | k | floor | " + " | ".join(IMPLS) + " | torch/ours | faiss/ours |",
         "|" + "---|" * (7 + len(IMPLS)),
     ]
     for n, d, b, k in GRID:
-        fl = floor_ms(n * d * 4)
-        ms = {}
+        fns = {"floor": read_pass()}
         for impl in IMPLS:
             if impl == "faiss" and "faiss" not in sys.modules:
                 try:
                     import faiss  # noqa: F401
                 except ImportError:
-                    ms[impl] = float("nan")
                     continue
-            fn = runner(impl, n, d, b, k)
-            first = median_ms(fn, repeats=1)
-            ms[impl] = median_ms(fn, repeats=3 if first > 300 else 9, warmup=0)
-        cells = " | ".join(f"{ms[i]:.2f} ({ms[i] / fl:.1f}x)" for i in IMPLS)
+            fns[impl] = runner(impl, n, d, b, k)
+        slow = median_ms(fns["numpy"], repeats=1) > 300
+        ms = interleaved_ms(fns, rounds=3 if slow else 9)
+        ms["floor"] = [t * n * d * 4 / READ_PASS_BYTES for t in ms["floor"]]
+
+        cells = " | ".join(
+            f"{round_median(ms, i):.2f} ({round_ratio(ms, i, 'floor'):.1f}x)" for i in IMPLS
+        )
         lines.append(
-            f"| {n:,} | {d} | {b} | {k} | {fl:.2f} | {cells} | "
-            f"{ms['torch'] / ms['ours']:.1f}x | {ms['faiss'] / ms['ours']:.1f}x |"
+            f"| {n:,} | {d} | {b} | {k} | {round_median(ms, 'floor'):.2f} | {cells} | "
+            f"{round_ratio(ms, 'torch', 'ours'):.1f}x | {round_ratio(ms, 'faiss', 'ours'):.1f}x |"
         )
     return "\n".join(lines)
 

@@ -1,8 +1,19 @@
 """End-to-end facade latency at MovieLens scale (1,682 items, 943 users, dim 64): what a service
 calling recommend() and feedback() sees, including validation, id maps and locking. Beside each
-is its floor: bare torch scoring, and the bare update kernel."""
+is its floor: bare torch scoring, and the bare update kernel. A service that is not saturated
+calls after idle gaps: those calls are timed too, after 50 ms of sleep each.
+
+    pytest benchmarks/bench_service.py --benchmark-enable
+    python -m benchmarks.bench_service     # back to back vs after idle, OpenMP wait policies
+"""
 
 from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -10,14 +21,20 @@ import torch
 from lrec_fast import Recommender, kernels
 from lrec_fast.data import make_stream
 
+IDLE_S = 0.05
 
-@pytest.fixture(scope="module")
-def rec():
+
+def movielens_sized() -> Recommender:
     ds = make_stream(n_users=943, n_items=1682, n_events=50_000, seed=0)
     r = Recommender(encoder="hashing-384", max_epochs=3)
     r.add_items(ds.item_ids, ds.item_text)
     r.fit(ds.events.user, ds.events.item, ds.events.rating)
     return r
+
+
+@pytest.fixture(scope="module")
+def rec():
+    return movielens_sized()
 
 
 @pytest.mark.parametrize("b", [1, 64])
@@ -56,3 +73,64 @@ def test_bare_kernel_step(benchmark, rec, m):
     benchmark(kernels.mf_sgd_step, *tables, scales, mu, users, items, ratings, 1.0, 1e-3)
     if float(scales.min()) < 1e-3:
         scales.fill_(1.0)
+
+
+@pytest.mark.parametrize("call", ["recommend", "feedback"])
+def test_after_idle(benchmark, rec, call):
+    """One call after the process slept IDLE_S: what a lightly loaded service sees."""
+    users = rec.state.users.ids
+    fn = {"recommend": lambda: rec.recommend(users[:1], 10),
+          "feedback": lambda: rec.feedback(users[:1], [0], [4.0])}[call]  # fmt: skip
+    benchmark.group = f"service {call} after {IDLE_S * 1e3:.0f} ms idle"
+    benchmark.pedantic(fn, setup=lambda: time.sleep(IDLE_S), rounds=15, iterations=1)
+
+
+def _child() -> None:
+    """Print median ms of recommend / feedback (1 user / 1 event), back to back and after
+    IDLE_S idle, in this process's OpenMP setting."""
+    r = movielens_sized()
+    users = r.state.users.ids
+    calls = {"recommend": lambda i: r.recommend([users[i % 900]], 10),
+             "feedback": lambda i: r.feedback([users[i % 900]], [i % 1600], [4.0])}  # fmt: skip
+    out = []
+    for fn in calls.values():
+        for gap in (0.0, IDLE_S):
+            fn(0)
+            ts = []
+            for i in range(40 if gap else 400):
+                time.sleep(gap)
+                t = time.perf_counter()
+                fn(i)
+                ts.append((time.perf_counter() - t) * 1e3)
+            out.append(f"{statistics.median(ts):.3f}")
+    print(" ".join(out))
+
+
+def report() -> str:
+    """Each OpenMP setting in its own process (the runtimes read it once, at load)."""
+    lines = [
+        f"| OpenMP setting | recommend B=1 | after {IDLE_S * 1e3:.0f} ms idle "
+        f"| feedback 1 event | after {IDLE_S * 1e3:.0f} ms idle |",
+        "|---|---|---|---|---|",
+    ]
+    for label, var in (
+        ("GOMP_SPINCOUNT=3000 (lrec_fast's default)", "GOMP_SPINCOUNT=3000"),
+        ("OMP_WAIT_POLICY=PASSIVE", "OMP_WAIT_POLICY=PASSIVE"),
+        ("libgomp's default (neither set)", None),
+    ):
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}  # fmt: skip
+        if var:
+            key, value = var.split("=")
+            env[key] = value
+        # torch first: lrec_fast then leaves the variables as given here
+        code = "import torch; from benchmarks.bench_service import _child; _child()"
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        cells = res.stdout.split()[-4:]
+        lines.append(f"| {label} | " + " | ".join(f"{c} ms" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())

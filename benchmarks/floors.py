@@ -22,13 +22,54 @@ def median_ms(fn: Callable[[], object], repeats: int = 7, warmup: int = 1) -> fl
     return statistics.median(times) * 1e3
 
 
+def interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Wall time of each function in milliseconds, ``rounds`` times, one call of each in
+    turn per round (after one warm-up call each). On a shared machine whose speed drifts,
+    per-round ratios between them are far steadier than medians taken one after another."""
+    for fn in fns.values():
+        fn()
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            out[name].append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def round_median(ms: dict[str, list[float]], name: str) -> float:
+    """Median of ``name``'s times from ``interleaved_ms`` (NaN when it was not timed)."""
+    return statistics.median(ms[name]) if name in ms else float("nan")
+
+
+def round_ratio(ms: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over rounds of ``num``'s time / ``den``'s (NaN when either was not timed)."""
+    if num not in ms or den not in ms:
+        return float("nan")
+    return statistics.median(a / b for a, b in zip(ms[num], ms[den], strict=True))
+
+
+READ_PASS_BYTES = 1 << 30
+
+
+@cache
+def _big() -> torch.Tensor:
+    return torch.ones(READ_PASS_BYTES // 4, dtype=torch.float32)
+
+
+def read_pass() -> Callable[[], object]:
+    """One read-only pass over 1 GiB of float32 (torch.sum, all threads), far beyond the
+    caches: timed in the same rounds as the kernels, then scaled by table bytes / 1 GiB, it
+    is each round's bandwidth floor."""
+    return _big().sum
+
+
 @cache
 def read_bandwidth_gbs() -> float:
     """Read-only memory bandwidth in GB/s: torch.sum (vectorised, all threads) over 1 GiB,
     far beyond the caches. A read pass, not a copy, as a scan only reads the table."""
-    big = torch.ones(1 << 28, dtype=torch.float32)
-    ms = median_ms(lambda: big.sum(), repeats=9)
-    return big.numel() * 4 / (ms * 1e-3) / 1e9
+    ms = median_ms(read_pass(), repeats=9)
+    return READ_PASS_BYTES / (ms * 1e-3) / 1e9
 
 
 def floor_ms(n_bytes: int) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -158,6 +159,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"lrec-fast {__version__}, torch {torch.__version__}")
     print(f"backends available: {', '.join(available_backends())}; "
           f"selected: {resolve_backend(None).name}")  # fmt: skip
+    omp = {k: os.environ.get(k, "unset") for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    print("OpenMP: " + ", ".join(f"{k}={v}" for k, v in omp.items()))
     from .text import tokenizer
 
     if tokenizer._ext is not None:
