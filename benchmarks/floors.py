@@ -22,18 +22,28 @@ def median_ms(fn: Callable[[], object], repeats: int = 7, warmup: int = 1) -> fl
     return statistics.median(times) * 1e3
 
 
-def interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Wall time of each function in milliseconds, ``rounds`` times, one call of each in
-    turn per round (after one warm-up call each). On a shared machine whose speed drifts,
-    per-round ratios between them are far steadier than medians taken one after another."""
+def interleaved_ms(
+    fns: dict[str, Callable[[], object]], rounds: int, block: int = 3, settle_s: float = 0.15
+) -> dict[str, list[float]]:
+    """Wall time of each function in milliseconds, one value per round: in each round every
+    function in turn is called ``block`` times and the median of those is its value. On a
+    shared machine whose speed drifts, per-round ratios between them are far steadier than
+    medians taken one function after another. Before each function's block the process
+    idles ``settle_s``: long enough for the previous one's spinning threads (OpenBLAS spins
+    about 0.1 s after a call) to go to sleep instead of taking the cores; the median of the
+    block drops the first call's wake-up."""
     for fn in fns.values():
         fn()
     out: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            out[name].append((time.perf_counter() - t) * 1e3)
+            time.sleep(settle_s)
+            ts = []
+            for _ in range(block):
+                t = time.perf_counter()
+                fn()
+                ts.append((time.perf_counter() - t) * 1e3)
+            out[name].append(statistics.median(ts))
     return out
 
 
