@@ -307,7 +307,9 @@ class ModelState:
                   "ctx_rows", "tgt_rows", "tgt_bias", "ctx_acc", "tgt_acc", "tgt_bias_acc",
                   "user_recent")  # fmt: skip
 
-    def load_tensors(self, t: dict[str, torch.Tensor]) -> None:
+    def load_tensors(self, t: dict[str, torch.Tensor], seed: int = 0) -> None:
+        """Replace the state's tensors by ``t`` (a checkpoint's or a snapshot's). ``seed``
+        seeds the random source when ``t`` has no saved state (older checkpoints)."""
         missing = [k for k in (*self.ROW_TABLES, "recent_scale", "replay_seen") if k not in t]
         if missing:
             raise ValueError(f"checkpoint lacks tensors {missing[:4]}")
@@ -326,6 +328,8 @@ class ModelState:
         self.since_consolidation = t.get("since_consolidation", zero).clone()
         if "rng_state" in t:
             self.rng.set_state(t["rng_state"].clone())
+        else:
+            self.rng.manual_seed(seed)
         self.rank_proposal = None
         if "proposal_cdf" in t:
             from .ranking import Proposal
@@ -428,7 +432,8 @@ def load_state(directory: str | Path) -> tuple[ModelState, dict[str, Any]]:
     state = ModelState(
         dim=int(meta["dim"]), text_dim=int(meta["text_dim"]), history_len=int(meta["history_len"])
     )
-    state.load_tensors(load_file(str(folder / TENSORS_FILE)))
+    seed = int(meta.get("config", {}).get("learner", {}).get("seed", 0))
+    state.load_tensors(load_file(str(folder / TENSORS_FILE)), seed)
     state.users, state.items = IdMap(meta["users"]), IdMap(meta["items"])
     state.proj_fitted = bool(meta["proj_fitted"])
     if len(state.users) != state.user_rows.n or len(state.items) != state.item_rows.n:

@@ -148,3 +148,24 @@ def test_an_unexpected_error_leaves_the_model_as_it_was(stream, monkeypatch):
 def test_config_is_checked():
     with pytest.raises(ValueError, match="consolidate"):
         Recommender(consolidate_every=-1, encoder="hashing-64")
+
+
+def test_a_checkpoint_without_window_or_random_state_still_loads(stream, tmp_path):
+    """Checkpoints written before the window, cadence, random state and proposal were saved:
+    they load with an empty window, a zero count and the configured seed."""
+    from safetensors.torch import load_file, save_file
+
+    rec = streamed(stream, n=300, consolidate_window=250, negatives=16, seed=5)
+    rec.save(tmp_path / "ck")
+    path = tmp_path / "ck" / "model.safetensors"
+    old = {k: v for k, v in load_file(str(path)).items()
+           if not k.startswith(("window_", "proposal_")) and k not in ("since_consolidation",
+                                                                         "rng_state")}  # fmt: skip
+    save_file(old, str(path))
+    again = Recommender.load(tmp_path / "ck")
+    assert again.state.window_users.n == 0 and int(again.state.since_consolidation) == 0
+    assert again.state.rank_proposal is None
+    assert torch.equal(again.state.rng.get_state(), torch.Generator().manual_seed(5).get_state())
+    ev = stream.events.take(slice(1800, 1900))
+    again.feedback(ev.user, ev.item, ev.rating)  # and it keeps learning
+    assert again.state.window_users.n == 100
