@@ -85,6 +85,30 @@ def test_after_idle(benchmark, rec, call):
     benchmark.pedantic(fn, setup=lambda: time.sleep(IDLE_S), rounds=15, iterations=1)
 
 
+@pytest.mark.parametrize("call", ["recommend", "feedback"])
+def test_bare_after_idle(benchmark, rec, call):
+    """The floors beside test_after_idle: bare torch scoring / the bare update kernel, each
+    after the same idle."""
+    st = rec.state
+    if call == "recommend":
+        u, v = st.true_user_rows()[:1].clone(), st.true_item_rows().clone()
+        bias = st.true_item_bias().clone()
+
+        def fn() -> object:
+            return torch.topk(torch.addmm(bias, u, v.T), 10, dim=1)
+    else:
+        tables = [t.clone() for t in (st.user_rows.t, st.item_rows.t, st.user_bias.t,
+                                      st.item_bias.t)]  # fmt: skip
+        scales, mu = st.scales.clone(), st.mu.clone()
+        one, four = torch.zeros(1, dtype=torch.int64), torch.full((1,), 4.0)
+
+        def fn() -> object:
+            return kernels.mf_sgd_step(*tables, scales, mu, one, one, four, 1.0, 1e-3)
+
+    benchmark.group = f"service {call} after {IDLE_S * 1e3:.0f} ms idle"
+    benchmark.pedantic(fn, setup=lambda: time.sleep(IDLE_S), rounds=15, iterations=1)
+
+
 def _child() -> None:
     """Print median ms of recommend / feedback (1 user / 1 event), back to back and after
     IDLE_S idle, in this process's OpenMP setting."""

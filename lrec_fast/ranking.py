@@ -140,6 +140,9 @@ def step(
     the step back."""
     if targets.numel() == 0:
         return math.nan
+    # drawing may rebuild the proposal or advance its step count: both go back on restore
+    proposal = state.rank_proposal
+    proposal_steps = proposal.steps if proposal is not None else 0
     cand, logq = _candidates(state, targets, cfg, gen)
     c_rows = torch.unique(hist[hist >= 0])
     saved = [
@@ -157,6 +160,9 @@ def step(
     def restore() -> None:
         for table, rows, values in saved:
             table[rows] = values
+        state.rank_proposal = proposal
+        if proposal is not None:
+            proposal.steps = proposal_steps
 
     value, finite = kernels.softmax_step(
         state.ctx_rows.t, state.ctx_acc.t, state.tgt_rows.t, state.tgt_acc.t, state.tgt_bias.t,

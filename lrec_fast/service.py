@@ -300,8 +300,9 @@ class Recommender:
             chunk = cfg.lr_batch if 0 < cfg.lr_batch < n else n
             # one chunk: each step can take itself back (undo); several need a whole snapshot
             mark, snap = st.mark(), (st.snapshot() if chunk < n else None)
+            # the random state goes back with the rest (sampled negatives draw from it)
             rng_state = st.rng.get_state()
-            undo: list[Any] = []
+            undo: list[Any] = [lambda: st.rng.set_state(rng_state)]
             try:
                 if emb is not None:
                     self._append_items(new_items, emb)
@@ -334,7 +335,6 @@ class Recommender:
                     for fn in reversed(undo):
                         fn()
                     st.truncate(mark)
-                    st.rng.set_state(rng_state)
                 raise
             online.count_events(st, ii, cfg)
             online.reservoir_add(st, ui, ii, r, hist, cfg)
@@ -354,7 +354,7 @@ class Recommender:
         the lock (answers wait for it); all or nothing on an unexpected error."""
         with self._lock:
             cap = self.config.consolidate_window
-            u, i, r, h = (t.clone() for t in self.state.window(cap))
+            u, i, r, h = self.state.window(cap)  # views: nothing appends while it runs
             if cap < 2 or u.numel() < 2:
                 self.state.since_consolidation.zero_()
                 return ConsolidationReport(events=u.numel())

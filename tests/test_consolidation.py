@@ -169,3 +169,21 @@ def test_a_checkpoint_without_window_or_random_state_still_loads(stream, tmp_pat
     ev = stream.events.take(slice(1800, 1900))
     again.feedback(ev.user, ev.item, ev.rating)  # and it keeps learning
     assert again.state.window_users.n == 100
+
+
+def test_a_failed_feedback_puts_the_random_state_back(stream, monkeypatch):
+    """The ranking step drew its negatives (16 of 80 items), then the call failed: the model,
+    random state included, is bit for bit as before, so it continues as if never called."""
+    rec = streamed(stream, n=200, negatives=16)
+    bits = state_bits(rec)
+    real = ranking.step
+
+    def drawn_then_failed(*args, **kwargs):
+        real(*args, **kwargs)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(ranking, "step", drawn_then_failed)
+    ev = stream.events.take(slice(1700, 1750))
+    with pytest.raises(RuntimeError, match="boom"):
+        rec.feedback(ev.user, ev.item, ev.rating)
+    assert_same_bits(state_bits(rec), bits)
