@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from .prefetch import LINE_BYTES, PREFETCH_BYTES, prefetch_row, worth_prefetching
 from .reference import (
     SCALE_ITEM,
     SCALE_ITEM_BIAS,
@@ -112,12 +113,15 @@ def _scan_py(
     tn: np.ndarray,
 ) -> None:
     """Fused scan: contiguous parts of the item table in parallel, each row read once and
-    scored for every query; the hot path is one compare against the part's k-th best.
+    scored for every query; the hot path is one compare against the part's k-th best. Rows
+    are prefetched ``PREFETCH_BYTES`` ahead (see ``prefetch.py``: 1.4x faster at 1M x 64).
 
-    (Scores are not staged in a buffer: a store per row lets LLVM vectorise across rows with
-    gathers, 1.5x slower than vectorising each dot product.)"""
+    (Scores are not staged in a buffer: measured no faster than the compare per row.)"""
     n_parts, nb = tn.shape
     n, d = items.shape
+    line = max(1, LINE_BYTES // items.itemsize)  # elements per cache line
+    wide = worth_prefetching(items)  # a compile-time constant per dtype
+    ahead = PREFETCH_BYTES // max(1, d * items.itemsize)  # rows
     for part in prange(n_parts):
         lo = part * n // n_parts
         hi = (part + 1) * n // n_parts
@@ -128,6 +132,10 @@ def _scan_py(
             cnt = tn[part, 0]
             lim0 = np.float32(np.inf)  # unused until the list is full
             for j in range(lo, hi):
+                if wide:
+                    jp = min(j + ahead, hi - 1)
+                    for c in range(0, d, line):
+                        prefetch_row(items, jp, c)
                 acc = np.float32(0.0)
                 for t in range(d):
                     acc += q0[t] * np.float32(items[j, t])
