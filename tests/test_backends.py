@@ -278,3 +278,11 @@ def test_advance_histories_matches_reference(backend, rng, n_users, length, n):
     hw = ref.advance_histories(want, users, items)
     hg = kernels.advance_histories(got, users, items, backend=backend)
     assert torch.equal(hg, hw) and torch.equal(got, want) and hg.shape == (n, length)
+
+
+def test_parallel_and_serial_scans_cache_apart():
+    # numba keys its disk cache by name and bytecode, not by compile options: sharing one
+    # entry, a process could load the serial scan where the parallel one was asked for
+    cpu = pytest.importorskip("lrec_fast.kernels.cpu")
+    names = {d._cache._cache_file._index_name for d in cpu._SCANS.values()}
+    assert len(names) == len(cpu._SCANS) == 4

@@ -15,6 +15,10 @@ then the decayed step on the raw rows through the lazy scales.
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable
+from typing import Any
+
 import numba
 import numpy as np
 import torch
@@ -97,13 +101,11 @@ def _consider(
     return _insert_sorted(ts, ti, cnt, k, sc, j)
 
 
-def _scan_py(
+def _scan_one_py(
     q: np.ndarray,
     items: np.ndarray,
     row_scale: np.ndarray,
-    use_rs: bool,
     bias: np.ndarray,
-    use_bias: bool,
     alpha: np.float32,
     ex_ptr: np.ndarray,
     ex_idx: np.ndarray,
@@ -112,61 +114,99 @@ def _scan_py(
     ti: np.ndarray,
     tn: np.ndarray,
 ) -> None:
-    """Fused scan: contiguous parts of the item table in parallel, each row read once and
-    scored for every query; the hot path is one compare against the part's k-th best. Rows
-    are prefetched ``PREFETCH_BYTES`` ahead (see ``prefetch.py``: 1.4x faster at 1M x 64).
+    """Fused scan for one query (q [1, d]): contiguous parts of the item table in parallel,
+    each row read once; the hot path is one compare against the part's k-th best. fp32 rows
+    are prefetched ``PREFETCH_BYTES`` ahead (``prefetch.py``). Its own function, not a branch of
+    ``_scan_py``: sharing one body with the many-query loop cost 1.1-1.2x at 1M x 64, and the
+    query stays in registers (1.5x faster than the general loop).
 
     (Scores are not staged in a buffer: measured no faster than the compare per row.)"""
-    n_parts, nb = tn.shape
+    n_parts = tn.shape[0]
     n, d = items.shape
     line = max(1, LINE_BYTES // items.itemsize)  # elements per cache line
     wide = worth_prefetching(items)  # a compile-time constant per dtype
     ahead = PREFETCH_BYTES // max(1, d * items.itemsize)  # rows
+    q0 = q[0]
+    e_lo, e_hi = ex_ptr[0], ex_ptr[1]
+    for part in prange(n_parts):
+        lo = part * n // n_parts
+        hi = (part + 1) * n // n_parts
+        cnt = tn[part, 0]
+        lim0 = np.float32(np.inf)  # unused until the list is full
+        for j in range(lo, hi):
+            if wide:
+                jp = min(j + ahead, hi - 1)
+                for c in range(0, d, line):
+                    prefetch_row(items, jp, c)
+            acc = np.float32(0.0)
+            for t in range(d):
+                acc += q0[t] * np.float32(items[j, t])
+            sc = acc * (alpha * row_scale[j]) + bias[j]
+            if cnt == k and not sc > lim0:
+                continue
+            cnt = _consider(sc, j, ex_idx, e_lo, e_hi, k, ts[part, 0], ti[part, 0], cnt)
+            if cnt == k:
+                lim0 = ts[part, 0, k - 1]
+        tn[part, 0] = cnt
+
+
+def _scan_py(
+    q: np.ndarray,
+    items: np.ndarray,
+    row_scale: np.ndarray,
+    bias: np.ndarray,
+    alpha: np.float32,
+    ex_ptr: np.ndarray,
+    ex_idx: np.ndarray,
+    k: int,
+    ts: np.ndarray,
+    ti: np.ndarray,
+    tn: np.ndarray,
+) -> None:
+    """``_scan_one_py`` for a few queries (q [B, d]): each row read once and scored for every
+    query, with a running top-k per query and part. (Prefetching here measured no faster.)"""
+    n_parts, nb = tn.shape
+    n, d = items.shape
     for part in prange(n_parts):
         lo = part * n // n_parts
         hi = (part + 1) * n // n_parts
         lim = np.full(nb, -np.inf, np.float32)
-        if nb == 1:  # q in registers: 1.5x faster than the general loop below
-            q0 = q[0]
-            e_lo, e_hi = ex_ptr[0], ex_ptr[1]
-            cnt = tn[part, 0]
-            lim0 = np.float32(np.inf)  # unused until the list is full
-            for j in range(lo, hi):
-                if wide:
-                    jp = min(j + ahead, hi - 1)
-                    for c in range(0, d, line):
-                        prefetch_row(items, jp, c)
+        for j in range(lo, hi):
+            mult = alpha * row_scale[j]
+            add = bias[j]
+            for b in range(nb):
                 acc = np.float32(0.0)
                 for t in range(d):
-                    acc += q0[t] * np.float32(items[j, t])
-                sc = acc * (alpha * row_scale[j]) + bias[j]
-                if cnt == k and not sc > lim0:
+                    acc += q[b, t] * np.float32(items[j, t])
+                sc = acc * mult + add
+                cnt = tn[part, b]
+                if cnt == k and not sc > lim[b]:
                     continue
-                cnt = _consider(sc, j, ex_idx, e_lo, e_hi, k, ts[part, 0], ti[part, 0], cnt)
+                cnt = _consider(sc, j, ex_idx, ex_ptr[b], ex_ptr[b + 1], k, ts[part, b],
+                                ti[part, b], cnt)  # fmt: skip
+                tn[part, b] = cnt
                 if cnt == k:
-                    lim0 = ts[part, 0, k - 1]
-            tn[part, 0] = cnt
-        else:
-            for j in range(lo, hi):
-                mult = alpha * row_scale[j]
-                add = bias[j]
-                for b in range(nb):
-                    acc = np.float32(0.0)
-                    for t in range(d):
-                        acc += q[b, t] * np.float32(items[j, t])
-                    sc = acc * mult + add
-                    cnt = tn[part, b]
-                    if cnt == k and not sc > lim[b]:
-                        continue
-                    cnt = _consider(sc, j, ex_idx, ex_ptr[b], ex_ptr[b + 1], k, ts[part, b],
-                                    ti[part, b], cnt)  # fmt: skip
-                    tn[part, b] = cnt
-                    if cnt == k:
-                        lim[b] = ts[part, b, k - 1]
+                    lim[b] = ts[part, b, k - 1]
 
 
-_scan_par = njit(parallel=True, cache=True, fastmath=FASTMATH)(_scan_py)
-_scan_ser = njit(parallel=False, cache=True, fastmath=FASTMATH)(_scan_py)
+def _cached_variant(fn: Callable[..., None], parallel: bool) -> Any:
+    """``fn`` compiled with ``parallel``, cached on disk under its own name. numba's cache
+    is keyed by the function's name and bytecode, not by its compile options: a parallel and
+    a serial dispatcher of one function share entries, and each process could load the other's
+    code (a serial scan where a parallel one was asked for: 1.4-1.7x slower)."""
+    suffix = "_par" if parallel else "_ser"
+    clone = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix,
+                               fn.__defaults__, fn.__closure__)  # fmt: skip
+    clone.__qualname__ = fn.__qualname__ + suffix
+    return njit(parallel=parallel, cache=True, fastmath=FASTMATH)(clone)
+
+
+# (one query or several) x (parallel parts or one serial part, for small tables)
+_SCANS = {
+    (one, par): _cached_variant(_scan_one_py if one else _scan_py, par)
+    for one in (True, False)
+    for par in (True, False)
+}
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -303,11 +343,11 @@ def score_topk(
         ps = np.full((n_parts, nb, kk), -np.inf, np.float32)  # per-part lists, then merged
         pi = np.full((n_parts, nb, kk), -1, np.int64)
         pn = np.zeros((n_parts, nb), np.int64)
-        scan = _scan_par if n_parts > 1 else _scan_ser
+        scan = _SCANS[nb == 1, n_parts > 1]
         # absent scales/biases as stride-0 views: the scan's loop has no branch
         rs_n = rs if use_rs else np.broadcast_to(np.float32(1.0), (n,))
         bias_n = bias if use_bias else np.broadcast_to(np.float32(0.0), (n,))
-        scan(q, table, rs_n, use_rs, bias_n, use_bias, alpha, ex_ptr, ex_idx, kk, ps, pi, pn)
+        scan(q, table, rs_n, bias_n, alpha, ex_ptr, ex_idx, kk, ps, pi, pn)
         _merge(ps, pi, pn, kk, out_s, out_i)  # the scan's lists are sorted already
     else:
         ts = np.full((nb, kk), -np.inf, np.float32)
