@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from .prefetch import LINE_BYTES, PREFETCH_BYTES, prefetch_row, worth_prefetching
+from .prefetch import PREFETCH_BYTES, prefetch_row, prefetch_step
 from .reference import (
     SCALE_ITEM,
     SCALE_ITEM_BIAS,
@@ -123,8 +123,7 @@ def _scan_one_py(
     (Scores are not staged in a buffer: measured no faster than the compare per row.)"""
     n_parts = tn.shape[0]
     n, d = items.shape
-    line = max(1, LINE_BYTES // items.itemsize)  # elements per cache line
-    wide = worth_prefetching(items)  # a compile-time constant per dtype
+    line = prefetch_step(items)  # a compile-time constant per dtype; 0: no prefetch
     ahead = PREFETCH_BYTES // max(1, d * items.itemsize)  # rows
     q0 = q[0]
     e_lo, e_hi = ex_ptr[0], ex_ptr[1]
@@ -134,7 +133,7 @@ def _scan_one_py(
         cnt = tn[part, 0]
         lim0 = np.float32(np.inf)  # unused until the list is full
         for j in range(lo, hi):
-            if wide:
+            if line:
                 jp = min(j + ahead, hi - 1)
                 for c in range(0, d, line):
                     prefetch_row(items, jp, c)

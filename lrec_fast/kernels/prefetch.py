@@ -45,20 +45,22 @@ def _prefetch_row(typingctx: Any, arr: Any, row: Any, col: Any) -> Any:  # pragm
 
 
 @intrinsic
-def _worth_prefetching(typingctx: Any, arr: Any) -> Any:  # pragma: no cover
-    """Whether scanning ``arr`` row by row gains from ``prefetch_row``: a constant per dtype,
-    known when the kernel compiles, so the other specialisation carries no prefetch code at
-    all (int8 rows ran 2.6x slower with the prefetch loop merely present but skipped at run
-    time, and no faster with it running: their scan is bound by the int8 -> fp32 dot)."""
-    flag = arr.dtype.bitwidth > 8
-    sig = types.boolean(arr)
+def _prefetch_step(typingctx: Any, arr: Any) -> Any:  # pragma: no cover
+    """Elements of ``arr`` per cache line, the stride to prefetch a row with, or 0 where
+    scanning it gains nothing from ``prefetch_row``. A constant per dtype, known when the
+    kernel compiles: the loop's step is a constant, and the 0 specialisation carries no
+    prefetch code at all (int8 rows ran 2.6x slower with the prefetch loop merely present but
+    skipped at run time, and no faster with it running: their scan is bound by the dot)."""
+    bits = arr.dtype.bitwidth
+    step = LINE_BYTES * 8 // bits if bits > 8 else 0
+    sig = types.intp(arr)
 
     def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        return context.get_constant(types.boolean, flag)
+        return context.get_constant(types.intp, step)
 
     return sig, codegen
 
 
 # the typing context argument is numba's, not the caller's
 prefetch_row: Any = _prefetch_row
-worth_prefetching: Any = _worth_prefetching
+prefetch_step: Any = _prefetch_step
