@@ -32,7 +32,7 @@ test: lint
 
 bench: setup
 	$(PY) -m pip install -q "faiss-cpu>=1.8"
-	find lrec_fast -name '*.nb[ic]' -delete  # compile fresh: stale cache entries time slower
+	find lrec_fast -name "*.nb[ic]" -delete  # compile fresh for this machine
 	$(PY) -m pytest benchmarks --benchmark-enable --benchmark-columns=median,iqr,ops --benchmark-max-time=0.5
 
 clean:
