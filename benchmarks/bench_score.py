@@ -108,8 +108,10 @@ def report() -> str:
     lines = [
         f"read bandwidth {bw:.1f} GB/s (1 GiB pass); ms, median of interleaved rounds "
         "(x the floor: the fp32 table at the bandwidth of a 1 GiB read pass in the same round)",
-        "| N | d | B | k | floor | " + " | ".join(IMPLS) + " | torch/ours | faiss/ours |",
-        "|" + "---|" * (7 + len(IMPLS)),
+        "| N | d | B | k | floor | "
+        + " | ".join(IMPLS)
+        + " | torch/ours | faiss/ours | ours/ours_int8 |",
+        "|" + "---|" * (8 + len(IMPLS)),
     ]
     for n, d, b, k in GRID:
         fns = {"floor": read_pass()}
@@ -129,7 +131,8 @@ def report() -> str:
         )
         lines.append(
             f"| {n:,} | {d} | {b} | {k} | {round_median(ms, 'floor'):.2f} | {cells} | "
-            f"{round_ratio(ms, 'torch', 'ours'):.1f}x | {round_ratio(ms, 'faiss', 'ours'):.1f}x |"
+            f"{round_ratio(ms, 'torch', 'ours'):.1f}x | {round_ratio(ms, 'faiss', 'ours'):.1f}x | "
+            f"{round_ratio(ms, 'ours', 'ours_int8'):.1f}x |"
         )
     return "\n".join(lines)
 
