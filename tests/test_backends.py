@@ -284,5 +284,41 @@ def test_parallel_and_serial_scans_cache_apart():
     # numba keys its disk cache by name and bytecode, not by compile options: sharing one
     # entry, a process could load the serial scan where the parallel one was asked for
     cpu = pytest.importorskip("lrec_fast.kernels.cpu")
-    names = {d._cache._cache_file._index_name for d in cpu._SCANS.values()}
-    assert len(names) == len(cpu._SCANS) == 4
+    scans = [
+        *cpu._SCANS.values(),
+        *(cpu._int8_scan(d, par) for d in (16, 64) for par in (False, True)),
+    ]
+    names = {d._cache._cache_file._index_name for d in scans}
+    assert len(names) == len(scans) == 8
+
+
+@pytest.mark.parametrize("trial", range(6))
+def test_int8_prefilter_keeps_the_exact_scans_results(rng, monkeypatch, trial):
+    """The one-query int8 scan rules rows out with an integer dot and an error bound; its
+    results must equal the exact scan's bit for bit, on awkward scales, biases and ties."""
+    cpu = pytest.importorskip("lrec_fast.kernels.cpu")
+    n = [1, 999, 70_001][trial % 3]
+    d = [16, 64, 48][trial % 3]
+    rows = rng.integers(-128, 128, (n, d)).astype(np.int8)
+    rows[n // 2 :] = rows[: n - n // 2]  # twins: exact ties, which go to the lower index
+    table = torch.from_numpy(rows)
+    scale = np.exp(rng.standard_normal(n) * [0.0, 3.0][trial % 2]).astype(np.float32)
+    if trial == 5:
+        scale[::7] = [np.inf, 0.0, -1.0][trial % 3]  # non-finite, zero and negative scales
+    bias = (rng.standard_normal(n) * [0.0, 1e-3, 1e3][trial % 3]).astype(np.float32)
+    bias[rng.integers(0, n, 3)] = [np.inf, -np.inf, np.nan]
+    q = torch.from_numpy(
+        (rng.standard_normal((1, d)) * 10 ** rng.uniform(-4, 4)).astype(np.float32)
+    )
+    if trial == 4:
+        q = torch.from_numpy(rng.integers(-3, 4, (1, d)).astype(np.float32))  # exact scores
+    exclude = [rng.integers(0, n, size=rng.integers(0, 40)).tolist()]
+    kw = dict(item_bias=torch.from_numpy(bias), row_scale=torch.from_numpy(scale),
+              query_scale=-0.5 if trial == 3 else 0.5, exclude=exclude)  # fmt: skip
+    for k in (1, 10, 100, n + 3):
+        got = cpu.score_topk(q, table, k, **kw)
+        with monkeypatch.context() as m:
+            m.setattr(cpu, "quantize_query", lambda q: None)  # the exact scan only
+            want = cpu.score_topk(q, table, k, **kw)
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from .prefetch import PREFETCH_BYTES, prefetch_row, prefetch_step
+from .int_dot import MAX_DIM, STEP, idot, quantize_query
+from .prefetch import LINE_BYTES, PREFETCH_BYTES, prefetch_row, prefetch_step
 from .reference import (
     SCALE_ITEM,
     SCALE_ITEM_BIAS,
@@ -101,6 +102,15 @@ def _consider(
     return _insert_sorted(ts, ti, cnt, k, sc, j)
 
 
+@njit(inline="always")
+def _row_dot(q0: np.ndarray, items: np.ndarray, j: int) -> np.float32:
+    """<q0, items[j]> in fp32 (the scans' exact score before its scale and bias)."""
+    acc = np.float32(0.0)
+    for t in range(items.shape[1]):
+        acc += q0[t] * np.float32(items[j, t])
+    return acc
+
+
 def _scan_one_py(
     q: np.ndarray,
     items: np.ndarray,
@@ -137,10 +147,60 @@ def _scan_one_py(
                 jp = min(j + ahead, hi - 1)
                 for c in range(0, d, line):
                     prefetch_row(items, jp, c)
-            acc = np.float32(0.0)
-            for t in range(d):
-                acc += q0[t] * np.float32(items[j, t])
-            sc = acc * (alpha * row_scale[j]) + bias[j]
+            sc = _row_dot(q0, items, j) * (alpha * row_scale[j]) + bias[j]
+            if cnt == k and not sc > lim0:
+                continue
+            cnt = _consider(sc, j, ex_idx, e_lo, e_hi, k, ts[part, 0], ti[part, 0], cnt)
+            if cnt == k:
+                lim0 = ts[part, 0, k - 1]
+        tn[part, 0] = cnt
+
+
+def _scan_one_int8_py(
+    q: np.ndarray,
+    q16: np.ndarray,
+    q_scale: np.float32,
+    q_bound: np.float32,
+    items: np.ndarray,
+    row_scale: np.ndarray,
+    bias: np.ndarray,
+    alpha: np.float32,
+    ex_ptr: np.ndarray,
+    ex_idx: np.ndarray,
+    k: int,
+    ts: np.ndarray,
+    ti: np.ndarray,
+    tn: np.ndarray,
+) -> None:
+    """``_scan_one_py`` for an int8 table whose row length suits ``int_dot.idot``, compiled
+    once per row length (the global ``DIM``; ``_int8_scan``). Each row is first scored with the
+    integer dot of the quantised query (``q16``, ``q_scale``); a row whose score plus the error
+    bound (``q_bound``, see ``int_dot.QueryQuant``) cannot beat the part's k-th best is
+    skipped, any other is scored exactly as ``_scan_one_py`` does. So the lists, and the
+    results, are the exact scan's. Rows are prefetched ``PREFETCH_BYTES`` ahead (here it pays:
+    the dot no longer bounds the loop). 1.2-1.3x faster than the exact scan at 1M x 64."""
+    n_parts = tn.shape[0]
+    n = items.shape[0]
+    ahead = PREFETCH_BYTES // DIM  # rows
+    q0 = q[0]
+    e_lo, e_hi = ex_ptr[0], ex_ptr[1]
+    for part in prange(n_parts):
+        lo = part * n // n_parts
+        hi = (part + 1) * n // n_parts
+        cnt = tn[part, 0]
+        lim0 = np.float32(np.inf)  # unused until the list is full
+        for j in range(lo, hi):
+            jp = min(j + ahead, hi - 1)
+            for c in range(0, DIM, LINE_BYTES):
+                prefetch_row(items, jp, c)
+            mult = alpha * row_scale[j]
+            b = bias[j]
+            if cnt == k:
+                rough = np.float32(idot(items, j, q16, DIM)) * (q_scale * mult) + b
+                # NaN (a non-finite scale or bias) falls through to the exact score
+                if rough + (abs(mult) * q_bound + np.float32(4 * 2.0**-24) * abs(b)) <= lim0:
+                    continue
+            sc = _row_dot(q0, items, j) * mult + b
             if cnt == k and not sc > lim0:
                 continue
             cnt = _consider(sc, j, ex_idx, e_lo, e_hi, k, ts[part, 0], ti[part, 0], cnt)
@@ -188,14 +248,16 @@ def _scan_py(
                     lim[b] = ts[part, b, k - 1]
 
 
-def _cached_variant(fn: Callable[..., None], parallel: bool) -> Any:
+def _cached_variant(fn: Callable[..., None], parallel: bool, dim: int | None = None) -> Any:
     """``fn`` compiled with ``parallel``, cached on disk under its own name. numba's cache
     is keyed by the function's name and bytecode, not by its compile options: a parallel and
     a serial dispatcher of one function share entries, and each process could load the other's
-    code (a serial scan where a parallel one was asked for: 1.4-1.7x slower)."""
-    suffix = "_par" if parallel else "_ser"
-    clone = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix,
-                               fn.__defaults__, fn.__closure__)  # fmt: skip
+    code (a serial scan where a parallel one was asked for: 1.4-1.7x slower). ``dim``, if
+    given, is the global ``DIM`` of that variant: a compile-time constant."""
+    suffix = ("_par" if parallel else "_ser") + (f"_d{dim}" if dim is not None else "")
+    scope = fn.__globals__ if dim is None else {**fn.__globals__, "DIM": dim}
+    clone = types.FunctionType(fn.__code__, scope, fn.__name__ + suffix, fn.__defaults__,
+                               fn.__closure__)  # fmt: skip
     clone.__qualname__ = fn.__qualname__ + suffix
     return njit(parallel=parallel, cache=True, fastmath=FASTMATH)(clone)
 
@@ -206,6 +268,16 @@ _SCANS = {
     for one in (True, False)
     for par in (True, False)
 }
+_SCANS_INT8: dict[tuple[int, bool], Any] = {}
+DIM = 0  # set per variant of _scan_one_int8_py
+
+
+def _int8_scan(dim: int, parallel: bool) -> Any:
+    """The integer-prefiltered one-query int8 scan for rows of ``dim`` elements."""
+    key = (dim, bool(parallel))
+    if key not in _SCANS_INT8:
+        _SCANS_INT8[key] = _cached_variant(_scan_one_int8_py, bool(parallel), dim)
+    return _SCANS_INT8[key]
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -342,11 +414,19 @@ def score_topk(
         ps = np.full((n_parts, nb, kk), -np.inf, np.float32)  # per-part lists, then merged
         pi = np.full((n_parts, nb, kk), -1, np.int64)
         pn = np.zeros((n_parts, nb), np.int64)
-        scan = _SCANS[nb == 1, n_parts > 1]
         # absent scales/biases as stride-0 views: the scan's loop has no branch
         rs_n = rs if use_rs else np.broadcast_to(np.float32(1.0), (n,))
         bias_n = bias if use_bias else np.broadcast_to(np.float32(0.0), (n,))
-        scan(q, table, rs_n, bias_n, alpha, ex_ptr, ex_idx, kk, ps, pi, pn)
+        d = table.shape[1]
+        quant = None
+        if nb == 1 and table.dtype == np.int8 and d % STEP == 0 and d <= MAX_DIM:
+            quant = quantize_query(q[0])
+        if quant is not None:
+            _int8_scan(d, n_parts > 1)(q, quant.q16, quant.scale, quant.bound, table, rs_n,
+                                       bias_n, alpha, ex_ptr, ex_idx, kk, ps, pi, pn)  # fmt: skip
+        else:
+            scan = _SCANS[nb == 1, n_parts > 1]
+            scan(q, table, rs_n, bias_n, alpha, ex_ptr, ex_idx, kk, ps, pi, pn)
         _merge(ps, pi, pn, kk, out_s, out_i)  # the scan's lists are sorted already
     else:
         ts = np.full((nb, kk), -np.inf, np.float32)
