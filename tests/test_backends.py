@@ -50,7 +50,7 @@ def check_topk(got, want, q, table, row_scale, bias, alpha, exclude, k):
 @pytest.mark.parametrize(
     ("b", "n", "d", "k"),
     [(1, 1, 16, 1), (3, 1001, 64, 10), (64, 517, 100, 100), (1, 70_001, 16, 10),
-     (3, 70_003, 64, 5), (2, 37, 16, 50), (9, 300, 16, 1)],
+     (3, 70_003, 64, 5), (2, 37, 16, 50), (9, 300, 16, 1), (64, 40_001, 16, 10)],
 )  # fmt: skip
 def test_score_topk_matches_reference(backend, rng, dtype, b, n, d, k):
     q = torch.from_numpy(rng.standard_normal((b, d)).astype(np.float32))

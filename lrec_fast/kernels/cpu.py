@@ -441,8 +441,12 @@ def score_topk(
             # ops around this call, and torch's OpenMP pool and OpenBLAS's threads spin against
             # each other when they alternate (measured 8x slower in the Recommender facade);
             # the fold runs on this thread. items @ q.T, not q @ items.T: the tile's scores
-            # item-major, 2.2x faster with MKL here (1M x 64 by 64 queries).
-            raw = matmul_nt(items[j0 : j0 + tile].float(), qq).numpy()
+            # item-major, 2.2x faster with MKL here (1M x 64 by 64 queries). A partial tile
+            # goes to torch.mm: oneDNN compiles code per new shape (about 0.4 ms), and a
+            # growing catalogue would bring a new last-tile shape with each item added.
+            rows = items[j0 : j0 + tile].float()
+            full = rows.shape[0] == tile
+            raw = (matmul_nt(rows, qq) if full else torch.mm(rows, qq.T)).numpy()
             _fold(raw, j0, rs, use_rs, bias, use_bias, alpha, ex_ptr, ex_idx, kk, ts, ti, tn,
                   lim)  # fmt: skip
         out_s[:, :kk] = ts
