@@ -159,6 +159,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"lrec-fast {__version__}, torch {torch.__version__}")
     print(f"backends available: {', '.join(available_backends())}; "
           f"selected: {resolve_backend(None).name}")  # fmt: skip
+    if "numba" in available_backends():
+        from .kernels import gemm, int_dot
+
+        print(f"numba scan: many-query tiles on {gemm.backend()}, int8 dot {int_dot.MODE}")
     omp = {k: os.environ.get(k, "unset") for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     print("OpenMP: " + ", ".join(f"{k}={v}" for k, v in omp.items()))
     from .text import tokenizer

@@ -89,6 +89,7 @@ def test_cli_version_and_info(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "backends available: numba, torch; selected: numba" in out
+    assert "many-query tiles on " in out and "int8 dot " in out
     assert "tokeniser: " in out
 
 
