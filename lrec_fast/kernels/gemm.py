@@ -6,7 +6,7 @@ oneDNN, also inside torch, ran the same products at 360-440 GFLOP/s (2.2-2.3x), 
 implicit bf16: results within fp32 rounding of MKL's). torch reaches it through the operator
 its compiler uses for fused linear layers, ``torch.ops.mkldnn._linear_pointwise``; that is not
 a public API, so it is used only after it gives ``torch.mm``'s result on a probe, once per
-process, and any failure falls back to ``torch.mm`` (``BACKEND`` says which runs).
+process, and any failure falls back to ``torch.mm`` (``backend()`` says which runs).
 """
 
 from __future__ import annotations

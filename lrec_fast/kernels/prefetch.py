@@ -49,8 +49,10 @@ def _prefetch_step(typingctx: Any, arr: Any) -> Any:  # pragma: no cover
     """Elements of ``arr`` per cache line, the stride to prefetch a row with, or 0 where
     scanning it gains nothing from ``prefetch_row``. A constant per dtype, known when the
     kernel compiles: the loop's step is a constant, and the 0 specialisation carries no
-    prefetch code at all (int8 rows ran 2.6x slower with the prefetch loop merely present but
-    skipped at run time, and no faster with it running: their scan is bound by the dot)."""
+    prefetch code at all (in the exact scan, int8 rows ran 2.6x slower with the prefetch loop
+    merely present but skipped at run time, and no faster with it running: that scan is bound
+    by its int8 -> fp32 dot; the prefiltered int8 scan, bound by memory, prefetches with its own
+    compile-time stride)."""
     bits = arr.dtype.bitwidth
     step = LINE_BYTES * 8 // bits if bits > 8 else 0
     sig = types.intp(arr)
