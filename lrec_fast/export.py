@@ -300,13 +300,13 @@ class Deployment:
         import torch
 
         from .ranking import cold_users
-        from .service import _as_ids, check_k, external_ids, ranked_topk
+        from .service import NO_ITEMS, _as_ids, check_k, external_ids, ranked_topk
 
         ids = _as_ids(user_ids, "user_ids")
         check_k(k)
         with self._lock:
             q, offset, idx = self._rank_queries(ids)
-            seen = [self._seen[i] if (exclude_seen and i >= 0) else () for i in idx]
+            seen = [self._seen[i] if (exclude_seen and i >= 0) else NO_ITEMS for i in idx]
             cold = cold_users(
                 torch.from_numpy(self.user_recent), torch.tensor(idx, dtype=torch.int64)
             )

@@ -3,10 +3,9 @@ dispatching kernels."""
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,17 +62,21 @@ def check_k(k: Any) -> None:
         raise ValueError("k must be a positive int")
 
 
-def seen_csr(sets: Sequence[Iterable[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-query item rows to exclude, as the (indptr, indices) int64 CSR score_topk takes."""
-    indptr = np.zeros(len(sets) + 1, dtype=np.int64)
-    np.cumsum([len(x) for x in sets], out=indptr[1:])  # type: ignore[arg-type]
-    flat = np.fromiter(itertools.chain.from_iterable(sets), np.int64, int(indptr[-1]))
+NO_ITEMS = np.zeros(0, dtype=np.int64)  # the exclusions of a query with none
+
+
+def seen_csr(rows: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query item rows to exclude (int64 arrays) as the (indptr, indices) int64 CSR
+    score_topk takes."""
+    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum([len(x) for x in rows], out=indptr[1:])
+    flat = np.concatenate(rows).astype(np.int64, copy=False) if len(rows) else NO_ITEMS
     return torch.from_numpy(indptr), torch.from_numpy(flat)
 
 
 def ranked_topk(
     q: torch.Tensor, rows: torch.Tensor, k: int, item_terms: tuple[torch.Tensor, torch.Tensor],
-    cold: torch.Tensor, exclude: Sequence[Iterable[int]], backend: str | None = None,
+    cold: torch.Tensor, exclude: Sequence[np.ndarray], backend: str | None = None,
     **kw: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``kernels.score_topk`` of queries [B, d] against ``rows``, each query with the item term
@@ -270,8 +273,7 @@ class Recommender:
             except BaseException:
                 self.state.restore(snap)
                 raise
-            for a, b in zip(ui.tolist(), ii.tolist(), strict=True):
-                self.state.seen[a].add(b)
+            self.state.seen.add(ui.tolist(), ii.tolist())
             log.info("fit: %d epochs, best %d", report.epochs, report.best_epoch)
             return report
 
@@ -340,8 +342,7 @@ class Recommender:
             online.reservoir_add(st, ui, ii, r, hist, cfg)
             st.remember((ui, ii, r, hist), cfg.consolidate_window)
             st.since_consolidation += n
-            for a, b in zip(ui.tolist(), ii.tolist(), strict=True):
-                self.state.seen[a].add(b)
+            self.state.seen.add(ui.tolist(), ii.tolist())
             if 0 < cfg.consolidate_every <= int(st.since_consolidation):
                 self.consolidate()
             return loss
@@ -445,7 +446,7 @@ class Recommender:
         with self._lock:
             st = self.state
             q, v, scale, terms, offset, cold, idx = self._ranking(ids)
-            seen = [st.seen[i] if (exclude_seen and i >= 0) else () for i in idx]
+            seen = [st.seen.sorted(i) if (exclude_seen and i >= 0) else NO_ITEMS for i in idx]
             scores, top = ranked_topk(q, v, int(k), terms, cold, seen, self.backend,
                                       item_scale=scale)  # fmt: skip
             scores = scores + offset[:, None]

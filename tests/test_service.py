@@ -11,6 +11,7 @@ import torch
 
 from lrec_fast import DivergenceError, Recommender, online
 from lrec_fast.kernels.reference import predict as ref_predict
+from lrec_fast.model import SeenItems
 
 from .conftest import assert_same_bits, state_bits
 
@@ -130,6 +131,40 @@ def test_cold_users_rank_with_the_cold_prior_weight(fitted, rank_by):
     ids, scores = fitted.recommend([], k=4)  # no query at all
     assert ids.shape == scores.shape == (0, 4) and fitted.rank_all([]).shape == (0, 80)
     cfg.rank_by = "softmax"
+
+
+def test_recommend_excludes_what_feedback_just_added(fitted):
+    """recommend caches each user's sorted seen items: feedback must refresh them, a rejected
+    batch and a new user must not leave stale ones."""
+    u = fitted.state.users.ids[0]
+    top = fitted.recommend([u, u], k=3)[0][0].tolist()  # both rows from one cached array
+    fitted.feedback([u, u], top[:2], [5.0, 4.0])
+    again = fitted.recommend([u], k=3)[0][0].tolist()
+    assert not set(top[:2]) & set(again)
+    assert top[2] not in fitted.state.seen[fitted.state.users.index[u]]
+    with pytest.raises(ValueError):  # a rating out of range: the whole batch is refused
+        fitted.feedback([u, u], [top[2], top[2]], [5.0, 99.0])
+    assert fitted.recommend([u], k=3)[0][0].tolist() == again
+    fitted.feedback(["newcomer"], [top[2]], [5.0])
+    assert top[2] not in fitted.recommend(["newcomer"], k=80)[0][0].tolist()
+
+
+def test_seen_items_sets_arrays_and_csr():
+    seen = SeenItems()
+    seen.append_users(3)
+    seen.add([0, 2, 0, 0], [7, 1, 3, 7])  # a duplicate event
+    assert seen.sorted(0).tolist() == [3, 7] and seen.sorted(1).tolist() == []
+    assert seen.sorted(0) is seen.sorted(0)  # cached ...
+    seen.add([0], [5])
+    assert seen.sorted(0).tolist() == [3, 5, 7]  # ... until the set grows
+    ptr, idx = seen.csr()
+    assert ptr.tolist() == [0, 3, 3, 4] and idx.tolist() == [3, 5, 7, 1]
+    back = SeenItems.from_csr(ptr.tolist(), idx.tolist())
+    assert [set(back[a]) for a in range(3)] == [{3, 5, 7}, set(), {1}]
+    seen.truncate(1)
+    assert len(seen) == 1 and seen.csr()[1].tolist() == [3, 5, 7]
+    seen.append_users(1)
+    assert seen.sorted(1).tolist() == []  # no stale array for a re-added row
 
 
 def test_new_items_from_text(fitted):
