@@ -86,6 +86,32 @@ def test_exact_ties_go_to_the_lower_index(backend, rng, b, n):
         torch.testing.assert_close(got[1], want[1])
 
 
+@pytest.mark.parametrize("b", [1, 3, 12])  # 12: the GEMM-tile path on numba
+def test_sorted_and_malformed_csr_exclusions(backend, rng, b):
+    """Sorted rows (what the facade passes), rows with duplicates, empty rows and negative
+    indices give the reference's answer; a malformed indptr is a clear error (before this
+    check, an indptr past the end of no indices at all sent the numba scan out of bounds)."""
+    n, d = 300, 16
+    q = torch.from_numpy(rng.standard_normal((b, d)).astype(np.float32))
+    table = torch.from_numpy(rng.standard_normal((n, d)).astype(np.float32))
+    for rows in (
+        [np.sort(rng.integers(0, n, rng.integers(0, 60))) for _ in range(b)],  # dups, sorted
+        [np.array([-1, 4, 4, 9])] + [np.arange(0, n, 2)] * (b - 1),  # a negative index first
+        [np.zeros(0, np.int64)] * b,
+    ):
+        ptr = torch.tensor(np.concatenate([[0], np.cumsum([len(r) for r in rows])]))
+        csr = (ptr, torch.from_numpy(np.concatenate(rows).astype(np.int64)))
+        got = kernels.score_topk(q, table, 7, exclude=csr, backend=backend)
+        want = ref.score_topk(q, table, 7, exclude=csr)
+        torch.testing.assert_close(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1])
+    four, none = torch.arange(4, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    for bad, idx in (([1] + [4] * b, four), ([0] + [3] * b, four), ([0] + [9] * b, none),
+                     ([0, 4] + [2] * (b - 1) if b > 1 else [0, 5], four)):  # fmt: skip
+        with pytest.raises(ValueError, match="indptr must start at 0"):
+            kernels.score_topk(q, table, 3, exclude=(torch.tensor(bad), idx), backend=backend)
+
+
 def test_extreme_values_and_empty_inputs(backend):
     q = torch.tensor([[1e30, 1.0], [0.0, 0.0], [1.0, -1.0]])
     v = torch.tensor([[1e30, 0.0], [-1e30, 0.0], [1.0, 1.0], [float("inf"), 0.0], [2.0, -2.0]])

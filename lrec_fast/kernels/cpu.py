@@ -33,6 +33,7 @@ from .reference import (
     SCALE_USER,
     SCALE_USER_BIAS,
     Exclude,
+    check_csr,
     check_score_args,
     steps_from,
 )
@@ -359,8 +360,7 @@ def exclusion_csr(exclude: Exclude, n_queries: int) -> tuple[np.ndarray, np.ndar
     if isinstance(exclude, tuple) and len(exclude) == 2 and isinstance(exclude[0], torch.Tensor):
         ptr = np.asarray(exclude[0], dtype=np.int64)
         idx = np.asarray(exclude[1], dtype=np.int64)
-        if ptr.shape != (n_queries + 1,):
-            raise ValueError("CSR exclude: indptr must have B + 1 entries")
+        check_csr(ptr, n_queries, idx.size)
     else:
         if len(exclude) != n_queries:
             raise ValueError(f"exclude has {len(exclude)} rows for {n_queries} queries")

@@ -7,7 +7,9 @@ Tables are stored lazily decayed (DESIGN.md, "Lazy exact decay"): the true table
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -15,6 +17,16 @@ import torch.nn.functional as F
 SCALE_USER, SCALE_ITEM, SCALE_USER_BIAS, SCALE_ITEM_BIAS = 0, 1, 2, 3
 
 Exclude = Sequence[Sequence[int] | torch.Tensor] | tuple[torch.Tensor, torch.Tensor] | None
+
+
+def check_csr(indptr: Any, n_queries: int, nnz: int) -> None:
+    """A CSR ``exclude``'s indptr: B + 1 entries from 0, never decreasing, ending at nnz."""
+    ptr = np.asarray(indptr)
+    if ptr.shape != (n_queries + 1,):
+        raise ValueError("CSR exclude: indptr must have B + 1 entries")
+    if ptr[0] != 0 or ptr[-1] != nnz or (np.diff(ptr) < 0).any():
+        raise ValueError("CSR exclude: indptr must start at 0, never decrease and end at the "
+                         "number of indices")  # fmt: skip
 
 
 def exclusion_mask(exclude: Exclude, n_queries: int, n_items: int) -> torch.Tensor | None:
@@ -28,8 +40,7 @@ def exclusion_mask(exclude: Exclude, n_queries: int, n_items: int) -> torch.Tens
     mask = torch.zeros(n_queries, n_items, dtype=torch.bool)
     if isinstance(exclude, tuple) and len(exclude) == 2 and isinstance(exclude[0], torch.Tensor):
         indptr, indices = torch.as_tensor(exclude[0]), torch.as_tensor(exclude[1])
-        if indptr.numel() != n_queries + 1:
-            raise ValueError("CSR exclude: indptr must have B + 1 entries")
+        check_csr(indptr, n_queries, indices.numel())
         rows = torch.repeat_interleave(torch.arange(n_queries), indptr.diff())
         cols = indices.to(torch.int64)
     else:
