@@ -199,6 +199,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             ds.events, ds.item_ids.tolist(), ds.item_text, batch_size=args.batch_size,
             segment=args.segment, retrain_every=args.retrain_every, seed=args.seed,
             encoder=args.encoder, models=models, on_batch=lambda _name, n: bar.update(n),
+            exclude=args.exclude,
         )  # fmt: skip
     k = res.config["k"]
     hr, nd = f"hr@{k}", f"ndcg@{k}"
@@ -217,9 +218,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(_table(rows))
     c = res.config
     cold = int(next(iter(res.streams.values())).groups["cold users"]["events"])
+    before = "the event" if c["exclude"] == "event" else "the micro-batch"
     print(f"\nwarm-up {c['train']:,} training + {c['retain']:,} retention events; stream "
           f"{c['stream']:,} ({cold:,} from cold users); ret. = the retention set right after "
-          "the warm-up -> after the stream")  # fmt: skip
+          f"the warm-up -> after the stream; candidates: items the user had not interacted "
+          f"with before {before}")  # fmt: skip
     with open(out / "segments.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["model", "segment", "start", "events", "rmse", hr, nd, "percentile"])
@@ -277,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--models", default=None, help="comma-separated subset (default: all)")
     ev.add_argument("--encoder", default=None, help="text encoder (default all-MiniLM-L6-v2)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the retention split")
+    ev.add_argument("--exclude", choices=["event", "batch"], default="event",
+                    help="candidates exclude the user's items from before the event (default) "
+                         "or only from before its micro-batch")  # fmt: skip
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_evaluate)
     exp = sub.add_parser("export", help="write an ONNX deployment directory for a checkpoint")

@@ -5,9 +5,13 @@ Each micro-batch is first scored by the model as it stands, then (for a learning
 to it. Metrics per segment and overall:
 - RMSE of predictions clipped to the rating range (models that predict ratings);
 - for events rated >= ``relevant_at``: HR@k, NDCG@k and the percentile rank of the true item
-  among ALL catalogue items the user has not interacted with before this micro-batch (the
-  true item itself always competes). Rank = number of eligible items ahead of it: scored
-  higher, or scored the same and earlier in the catalogue (``recommend``'s tie rule);
+  among ALL catalogue items the user has not interacted with before the event (the true item
+  itself always competes). The model scores the whole micro-batch as it stood before it, but
+  the candidates are each event's own: items the user interacted with earlier in the same
+  micro-batch are excluded too, as a service's seen-filter would (``exclude="event"``, the
+  default; ``"batch"`` excludes only what came before the micro-batch, so those items stay
+  candidates and compete with the true item). Rank = number of eligible items ahead of it:
+  scored higher, or scored the same and earlier in the catalogue (``recommend``'s tie rule);
   percentile = rank / (eligible - 1), 0 is the top;
 - the same split by cold users (no event the model saw before their micro-batch) and warm
   users, and for new items (absent from the warm-up).
@@ -34,6 +38,7 @@ from .data.types import Interactions
 from .service import Recommender
 
 GROUPS = ("all", "cold users", "warm users", "new items")
+EXCLUDE_SCOPES = ("event", "batch")
 
 
 class StreamModel(Protocol):
@@ -123,14 +128,18 @@ def prequential(
     warm_items: set[Any] | None = None,
     rating_range: tuple[float, float] = (1.0, 5.0),
     on_batch: Callable[[int], None] | None = None,
+    exclude: str = "event",
 ) -> StreamResult:
     """Run test-then-train over ``stream`` (time order); per-segment and per-group metrics.
 
     history: user id -> item ids the user interacted with before the stream (updated in place
     as the stream goes). known_users: users whose events the model has learned from (default:
     the users in ``history``); warm_items: items of the warm-up (default: all in ``history``).
-    A ``Recommender`` is wrapped (``learn`` says whether it takes feedback).
+    A ``Recommender`` is wrapped (``learn`` says whether it takes feedback). ``exclude``:
+    "event" or "batch", which interactions leave the candidates (module doc).
     """
+    if exclude not in EXCLUDE_SCOPES:
+        raise ValueError(f"exclude must be one of {EXCLUDE_SCOPES}, not {exclude!r}")
     from .baselines import RecommenderModel
 
     sm: StreamModel
@@ -171,8 +180,20 @@ def prequential(
             for u, a in row.items():
                 banned[a, [col[j] for j in history.get(u, ()) if j in col]] = True
             ev = np.nonzero(rel)[0]
-            ranks, eligible = rank_events(scores, banned, np.array([row[users[e]] for e in ev]),
-                                          np.array([col[items[e]] for e in ev]))  # fmt: skip
+            rows = np.array([row[users[e]] for e in ev])
+            cols = np.array([col[items[e]] for e in ev])
+            if exclude == "event":  # one row per event: its user's row + the batch so far
+                scores, banned = scores[rows], banned[rows]
+                earlier: dict[Any, list[int]] = {}
+                r_ev = 0
+                for e, (u, j) in enumerate(zip(users, items, strict=True)):
+                    if rel[e]:
+                        banned[r_ev, earlier.get(u, [])] = True
+                        r_ev += 1
+                    if j in col:
+                        earlier.setdefault(u, []).append(col[j])
+                rows = np.arange(len(ev))
+            ranks, eligible = rank_events(scores, banned, rows, cols)
             hit[ev] = ranks < k
             gain[ev] = np.where(ranks < k, discounts[np.minimum(ranks, k - 1)], 0.0)
             prank[ev] = ranks / np.maximum(eligible - 1, 1)
@@ -212,10 +233,12 @@ def retention(
     relevant_at: float = 4.0, rating_range: tuple[float, float] = (1.0, 5.0),
 ) -> dict[str, float]:  # fmt: skip
     """RMSE and HR@k on held-out events (nothing learned): each relevant event's item ranked
-    among the items not in ``history`` of its user (it always competes)."""
+    among the items not in ``history`` of its user (it always competes; the held-out events
+    do not exclude each other)."""
     res = prequential(model, events, {u: set(v) for u, v in history.items()}, learn=False,
                       batch_size=max(len(events), 1), segment=max(len(events), 1), k=k,
-                      relevant_at=relevant_at, rating_range=rating_range)  # fmt: skip
+                      relevant_at=relevant_at, rating_range=rating_range,
+                      exclude="batch")  # fmt: skip
     return {key: res.overall[key] for key in ("rmse", f"hr@{k}", f"ndcg@{k}", "events")}
 
 
@@ -256,7 +279,7 @@ WINDOWS = (50, 100, 250, 500, 1_000, 2_000, 5_000, 10_000, 20_000)
 
 
 def tune_window(train: Interactions, item_ids: Sequence[Any], batch_size: int, k: int = 10,
-                grid: Sequence[int] = WINDOWS) -> int:  # fmt: skip
+                grid: Sequence[int] = WINDOWS, exclude: str = "event") -> int:  # fmt: skip
     """The recent-popularity window with the best HR@k, prequentially on the last 20% of the
     warm-up's training events after the first 80% (the warm-up only, never the stream)."""
     from .baselines import Popularity
@@ -267,7 +290,8 @@ def tune_window(train: Interactions, item_ids: Sequence[Any], batch_size: int, k
     for w in grid:
         pop = Popularity(item_ids, window=w)
         pop.fit(head)
-        r = prequential(pop, tail, history_of(head), batch_size=batch_size, segment=len(tail), k=k)
+        r = prequential(pop, tail, history_of(head), batch_size=batch_size, segment=len(tail), k=k,
+                        exclude=exclude)  # fmt: skip
         scored.append((r.overall[f"hr@{k}"], -w))  # ties: the smaller window
     return -max(scored)[1]
 
@@ -297,6 +321,7 @@ def run_protocol(
     encoder: Any = None,
     models: Sequence[str] | None = None,
     on_batch: Callable[[str, int], None] | None = None,
+    exclude: str = "event",
 ) -> ProtocolResult:
     """The lifelong-learning protocol (module doc) over time-ordered ``events`` with every
     baseline in one run. ``models``: a subset of ``MODELS`` (default all). ``encoder``: the
@@ -305,10 +330,13 @@ def run_protocol(
     The rating-MF baselines are what a user would run without lrec_fast's learner: static,
     naive fine-tuning (plain SGD per micro-batch, no weight decay) and retraining from scratch,
     all ranking by predicted rating, none with the ranking head, the recency prior or replay
-    (``RATING_MF``); "lrec_fast" is ``Recommender()`` with its defaults."""
+    (``RATING_MF``); "lrec_fast" is ``Recommender()`` with its defaults. ``exclude``: which
+    interactions leave the candidates ("event" or "batch", see ``prequential``)."""
     from .baselines import Popularity, RecommenderModel, Retrain
 
     wanted = list(MODELS if models is None else models)
+    if exclude not in EXCLUDE_SCOPES:
+        raise ValueError(f"exclude must be one of {EXCLUDE_SCOPES}, not {exclude!r}")
     unknown = sorted(set(wanted) - set(MODELS))
     if unknown:
         raise ValueError(f"unknown models {unknown}; choose from {list(MODELS)}")
@@ -336,7 +364,7 @@ def run_protocol(
             built[name] = Popularity(item_ids, name=name)
             built[name].fit(sp.train)
         elif name == "recent popularity":
-            w = tune_window(sp.train, item_ids, batch_size, k)
+            w = tune_window(sp.train, item_ids, batch_size, k, exclude=exclude)
             built[name] = Popularity(item_ids, window=w, name=f"{name} ({w:,})")
             built[name].fit(sp.train)
         elif name == "static":
@@ -364,14 +392,14 @@ def run_protocol(
         streams[name] = prequential(
             m, sp.stream, {u: set(v) for u, v in warm_hist.items()}, batch_size=batch_size,
             segment=segment, k=k, known_users=set(hist_train), warm_items=warm_items,
-            on_batch=cb,
+            on_batch=cb, exclude=exclude,
         )  # fmt: skip
         seconds[f"stream {name}"] = time.perf_counter() - t
     after = {n: retention(m, sp.retain, hist_train, k=k) for n, m in built.items()}
     seconds["total"] = time.perf_counter() - t_all
     config = {"events": len(events), "train": len(sp.train), "retain": len(sp.retain),
               "stream": len(sp.stream), "batch_size": batch_size, "segment": segment,
-              "retrain_every": retrain_every, "k": k, "seed": seed,
+              "retrain_every": retrain_every, "k": k, "seed": seed, "exclude": exclude,
               "names": {n: m.name for n, m in built.items()}}  # fmt: skip
     return ProtocolResult(config, streams, before, after, seconds)
 

@@ -59,6 +59,28 @@ def test_static_prequential_matches_brute_force(fitted, stream):
     assert res.overall["ndcg@10"] == pytest.approx(ndcg / n_rel, rel=1e-6)
 
 
+def test_event_exclusion_does_not_depend_on_the_batch_size(fitted, stream):
+    """A model that does not learn: with each event's own candidates (``exclude="event"``) the
+    ranking metrics are those of event-by-event evaluation at any micro-batch size; with the
+    micro-batch's (``"batch"``) more items compete, so HR can only fall."""
+    warm, ev = stream.events.take(slice(0, 1500)), stream.events.take(slice(1500, 1900))
+    keys = ("hr@10", "ndcg@10", "percentile", "relevant")
+
+    def run(m: int, scope: str) -> dict:
+        r = prequential(fitted, ev, history_of(warm), learn=False, batch_size=m, exclude=scope)
+        return {key: r.overall[key] for key in keys}
+
+    one = run(1, "event")
+    assert one == run(1, "batch") and one["relevant"] > 20
+    for m in (7, 100, 400):
+        got = run(m, "event")
+        for key in keys:
+            assert got[key] == pytest.approx(one[key], rel=1e-9), (m, key)
+    assert run(400, "batch")["hr@10"] <= one["hr@10"]
+    with pytest.raises(ValueError, match="exclude must be one of"):
+        run(10, "session")
+
+
 def test_learning_beats_static_on_synthetic_stream(stream):
     warm, rest = stream.events.take(slice(0, 1500)), stream.events.take(slice(1500, None))
     models = []
