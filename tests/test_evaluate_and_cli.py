@@ -262,3 +262,12 @@ def test_cli_evaluate(tmp_path, capsys):
     assert (tmp_path / "segments.csv").read_text().count("\n") == 1 + 3 * n_seg
     assert (tmp_path / "metrics.png").stat().st_size > 10_000
     assert "recent popularity (" in capsys.readouterr().out
+    assert report["config"]["exclude"] == "event"
+    # --exclude batch: the same popularity model, more candidates per event: HR can only fall
+    narrow = tmp_path / "batch"
+    assert main([*args[:2], str(narrow), *args[3:-1], "popularity", "--exclude", "batch"]) == 0
+    other = json.loads((narrow / "report.json").read_text())
+    assert other["config"]["exclude"] == "batch"
+    hr_event = report["models"]["popularity"]["overall"]["hr@10"]
+    assert other["models"]["popularity"]["overall"]["hr@10"] < hr_event
+    assert "before the micro-batch" in capsys.readouterr().out
