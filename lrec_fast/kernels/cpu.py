@@ -2,7 +2,8 @@
 
 Scoring never writes the B x N score matrix: for a few queries (B <= FUSED_MAX_B) one fused
 pass reads each item row once, computes every query's score and keeps a running top-k per
-query and per thread (items split into contiguous parts), merged at the end (one query on an
+query and per thread (items split into contiguous parts; a heap with the k-th best at its
+root), sorted and merged at the end (one query on an
 int8 table: an integer-dot prefilter first, ``int_dot.py``); for many queries, a GEMM
 (``gemm.py``) scores a tile of items at a time (cache-sized) and a compiled pass folds the tile
 into the running top-k. Ties go to the lower index everywhere: within a part items come in index
@@ -65,21 +66,61 @@ def _excluded(ex_idx: np.ndarray, lo: int, hi: int, j: int) -> bool:
 
 
 @njit(inline="always")
-def _insert_sorted(
+def _worse(s1: Any, i1: Any, s2: Any, i2: Any) -> bool:
+    """(s1, i1) ranks below (s2, i2): a lower score, or the same score and a higher index."""
+    return s1 < s2 or (s1 == s2 and i1 > i2)
+
+
+@njit(inline="always")
+def _sift_down(ts: np.ndarray, ti: np.ndarray, p: int, n: int) -> None:
+    """Restore the heap below position p of ts/ti[:n] (the worst entry at the root)."""
+    while True:
+        c = 2 * p + 1
+        if c >= n:
+            return
+        if c + 1 < n and _worse(ts[c + 1], ti[c + 1], ts[c], ti[c]):
+            c += 1
+        if not _worse(ts[c], ti[c], ts[p], ti[p]):
+            return
+        ts[p], ts[c] = ts[c], ts[p]
+        ti[p], ti[c] = ti[c], ti[p]
+        p = c
+
+
+@njit(inline="always")
+def _heap_offer(
     ts: np.ndarray, ti: np.ndarray, cnt: int, k: int, sc: float | np.floating, j: int
 ) -> int:
-    """Put (sc, j) into a list sorted by (score desc, index asc), j being larger than every
-    index in it (a scan in index order). O(k) per insertion, but insertions are rare once a
-    list is full (about k ln(N / k) of N scores), and the lists come out sorted for the merge."""
-    p = cnt if cnt < k else k - 1
-    while p > 0 and ts[p - 1] < sc:
-        if p < k:
-            ts[p] = ts[p - 1]
-            ti[p] = ti[p - 1]
-        p -= 1
-    ts[p] = sc
-    ti[p] = j
-    return cnt + 1 if cnt < k else k
+    """Add (sc, j) to a running top-k list of cnt entries; returns the new count. Filling, an
+    entry is appended (O(1)) and the full list made a heap with its worst entry at ts[0], the
+    k-th best the scans filter against; then a better entry replaces the root (O(log k), where
+    a sorted list shifts O(k) entries: 16x slower at k = 1,024, B = 64). The caller has checked
+    that a full list's root is worse. ``_heap_sort`` orders a list for the merge."""
+    if cnt < k:
+        ts[cnt] = sc
+        ti[cnt] = j
+        cnt += 1
+        if cnt == k:
+            for p in range(k // 2 - 1, -1, -1):
+                _sift_down(ts, ti, p, k)
+        return cnt
+    ts[0] = sc
+    ti[0] = j
+    _sift_down(ts, ti, 0, k)
+    return k
+
+
+@njit(inline="always")
+def _heap_sort(ts: np.ndarray, ti: np.ndarray, cnt: int, k: int) -> None:
+    """A list of ``_heap_offer`` (cnt entries) sorted in place, best first: by score
+    descending, ties by the lower index."""
+    if cnt < k:  # still filling: not a heap yet
+        for p in range(cnt // 2 - 1, -1, -1):
+            _sift_down(ts, ti, p, cnt)
+    for end in range(cnt - 1, 0, -1):  # the worst left moves to the back
+        ts[0], ts[end] = ts[end], ts[0]
+        ti[0], ti[end] = ti[end], ti[0]
+        _sift_down(ts, ti, 0, end)
 
 
 @njit(cache=True)
@@ -94,14 +135,14 @@ def _consider(
     ti: np.ndarray,
     cnt: int,
 ) -> int:
-    """The scan's slow path, out of line, on a sorted list (see ``_insert_sorted``)."""
+    """The scan's slow path, out of line, on a running top-k list (``_heap_offer``)."""
     if sc != sc:
         sc = -np.inf
-    if cnt == k and not sc > ts[k - 1]:
+    if cnt == k and not _worse(ts[0], ti[0], sc, j):
         return cnt
     if e_hi > e_lo and _excluded(ex_idx, e_lo, e_hi, j):
         return cnt
-    return _insert_sorted(ts, ti, cnt, k, sc, j)
+    return _heap_offer(ts, ti, cnt, k, sc, j)
 
 
 @njit(inline="always")
@@ -154,7 +195,7 @@ def _scan_one_py(
                 continue
             cnt = _consider(sc, j, ex_idx, e_lo, e_hi, k, ts[part, 0], ti[part, 0], cnt)
             if cnt == k:
-                lim0 = ts[part, 0, k - 1]
+                lim0 = ts[part, 0, 0]
         tn[part, 0] = cnt
 
 
@@ -209,7 +250,7 @@ def _scan_one_int8_py(
                 continue
             cnt = _consider(sc, j, ex_idx, e_lo, e_hi, k, ts[part, 0], ti[part, 0], cnt)
             if cnt == k:
-                lim0 = ts[part, 0, k - 1]
+                lim0 = ts[part, 0, 0]
         tn[part, 0] = cnt
 
 
@@ -249,7 +290,7 @@ def _scan_py(
                                 ti[part, b], cnt)  # fmt: skip
                 tn[part, b] = cnt
                 if cnt == k:
-                    lim[b] = ts[part, b, k - 1]
+                    lim[b] = ts[part, b, 0]
 
 
 def _cached_variant(fn: Callable[..., None], parallel: bool, dim: int | None = None) -> Any:
@@ -302,7 +343,7 @@ def _fold(
     lim: np.ndarray,
 ) -> None:
     """Fold a tile of raw dot products [T, B] (items j0 .. j0+T-1, one row per item: the
-    GEMM's fast layout) into the running sorted top-k lists. Per item, one vectorised test of
+    GEMM's fast layout) into the running top-k lists. Per item, one vectorised test of
     all B scores against the lists' k-th best ``lim`` [B] (NaN while a list is not full, so
     that everything, NaN included, takes the exact path then); the exact path is out of line,
     as in the fused scan."""
@@ -324,15 +365,19 @@ def _fold(
             cnt = _consider(sc[b], j, ex_idx, ex_ptr[b], ex_ptr[b + 1], k, ts[b], ti[b], tn[b])
             tn[b] = cnt
             if cnt == k:
-                lim[b] = ts[b, k - 1]
+                lim[b] = ts[b, 0]
 
 
 @njit(cache=True)
 def _merge(
     ts: np.ndarray, ti: np.ndarray, tn: np.ndarray, k: int, out_s: np.ndarray, out_i: np.ndarray
 ) -> None:
-    """k-way merge of the per-part sorted lists [P, B, k] by (score desc, index asc)."""
+    """The per-part running lists [P, B, k] (``_heap_offer``) sorted, then k-way merged by
+    (score desc, index asc) into out_s / out_i [B, >= k]."""
     n_parts, nb = tn.shape
+    for p in range(n_parts):
+        for b in range(nb):
+            _heap_sort(ts[p, b], ti[p, b], tn[p, b], k)
     pos = np.zeros(n_parts, np.int64)
     for b in range(nb):
         pos[:] = 0
@@ -430,7 +475,7 @@ def score_topk(
         else:
             scan = _SCANS[nb == 1, n_parts > 1]
             scan(q, table, rs_n, bias_n, alpha, ex_ptr, ex_idx, kk, ps, pi, pn)
-        _merge(ps, pi, pn, kk, out_s, out_i)  # the scan's lists are sorted already
+        _merge(ps, pi, pn, kk, out_s, out_i)
     else:
         ts = np.full((nb, kk), -np.inf, np.float32)
         ti = np.full((nb, kk), -1, np.int64)
@@ -458,8 +503,7 @@ def score_topk(
             raw = (matmul_nt(rows, qq) if full else torch.mm(rows, qq.T)).numpy()
             _fold(raw, j0, rs, use_rs, bias, use_bias, alpha, ex_ptr, ex_idx, kk, ts, ti, tn,
                   lim)  # fmt: skip
-        out_s[:, :kk] = ts
-        out_i[:, :kk] = ti
+        _merge(ts[None], ti[None], tn[None], kk, out_s, out_i)  # one part: sorts the lists
     return torch.from_numpy(out_s), torch.from_numpy(out_i)
 
 
