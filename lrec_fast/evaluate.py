@@ -41,6 +41,11 @@ GROUPS = ("all", "cold users", "warm users", "new items")
 EXCLUDE_SCOPES = ("event", "batch")
 
 
+def _check_exclude(exclude: str) -> None:
+    if exclude not in EXCLUDE_SCOPES:
+        raise ValueError(f"exclude must be one of {EXCLUDE_SCOPES}, not {exclude!r}")
+
+
 class StreamModel(Protocol):
     """What the evaluation needs of a model (see ``lrec_fast.baselines``)."""
 
@@ -138,8 +143,7 @@ def prequential(
     A ``Recommender`` is wrapped (``learn`` says whether it takes feedback). ``exclude``:
     "event" or "batch", which interactions leave the candidates (module doc).
     """
-    if exclude not in EXCLUDE_SCOPES:
-        raise ValueError(f"exclude must be one of {EXCLUDE_SCOPES}, not {exclude!r}")
+    _check_exclude(exclude)
     from .baselines import RecommenderModel
 
     sm: StreamModel
@@ -335,8 +339,7 @@ def run_protocol(
     from .baselines import Popularity, RecommenderModel, Retrain
 
     wanted = list(MODELS if models is None else models)
-    if exclude not in EXCLUDE_SCOPES:
-        raise ValueError(f"exclude must be one of {EXCLUDE_SCOPES}, not {exclude!r}")
+    _check_exclude(exclude)
     unknown = sorted(set(wanted) - set(MODELS))
     if unknown:
         raise ValueError(f"unknown models {unknown}; choose from {list(MODELS)}")
