@@ -323,7 +323,8 @@ class Recommender:
                     new_loss = online.mse(st, cu, ci, cr) if ru.numel() else None
                     loss = online.step(st, torch.cat([cu, ru]), torch.cat([ci, ri]),
                                        torch.cat([cr, rr]), cfg.lr, cfg.weight_decay, cfg,
-                                       self.backend, (hi - lo) ** 2, undo)  # fmt: skip
+                                       self.backend, (hi - lo) ** 2, undo,
+                                       cfg.user_gain)  # fmt: skip
                     if cfg.rank_by == "softmax":
                         pos = ranking.positives(torch.cat([cr, rr]), cfg)
                         ranking.step(st, torch.cat([ch, rh])[pos], torch.cat([ci, ri])[pos],

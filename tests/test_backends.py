@@ -150,9 +150,9 @@ def test_int8_catalogue_recall(backend, rng):
     assert recall >= 0.99, recall
 
 
-def dense_rule(tables, mu, steps, wd, adagrad=False, eps=1e-8):
+def dense_rule(tables, mu, steps, wd, adagrad=False, eps=1e-8, gains=(1.0, 1.0, 1.0, 1.0)):
     """The dense decoupled rule in float64 numpy: every row decays every step (an empty batch
-    is no step at all, as in every backend)."""
+    is no step at all, as in every backend); table w's gradient step is scaled by gains[w]."""
     U, V, bu, bv = (t.copy() for t in tables)
     acc = [np.zeros(len(U)), np.zeros(len(V)), np.zeros(len(U)), np.zeros(len(V))]
     for users, items, r, lr in steps:
@@ -177,13 +177,15 @@ def dense_rule(tables, mu, steps, wd, adagrad=False, eps=1e-8):
             gU = gU / (np.sqrt(acc[0])[:, None] + eps)
             gV = gV / (np.sqrt(acc[1])[:, None] + eps)
             gbu, gbv = gbu / (np.sqrt(acc[2]) + eps), gbv / (np.sqrt(acc[3]) + eps)
+        gU, gV, gbu, gbv = (x * w for x, w in zip((gU, gV, gbu, gbv), gains, strict=True))
         U, V = U - lr * gU - lr * wd * U, V - lr * gV - lr * wd * V
         bu, bv = bu - lr * gbu - lr * wd * bu, bv - lr * gbv - lr * wd * bv
     return U, V, bu, bv
 
 
+@pytest.mark.parametrize("gains", [(1.0, 1.0, 1.0, 1.0), (6.0, 0.5, 2.0, 0.0)])
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
-def test_update_equals_dense_rule_after_1000_steps(backend, rng, optimizer):
+def test_update_equals_dense_rule_after_1000_steps(backend, rng, optimizer, gains):
     nu, ni, d, wd = 40, 60, 16, 0.02
     tables = [rng.normal(0, 0.3, (nu, d)), rng.normal(0, 0.3, (ni, d)),
               rng.normal(0, 0.3, nu), rng.normal(0, 0.3, ni)]  # fmt: skip
@@ -195,7 +197,7 @@ def test_update_equals_dense_rule_after_1000_steps(backend, rng, optimizer):
             users[0], items[1] = users[-1], items[0]  # duplicates in every batch
         lr = (0.05 if optimizer == "sgd" else 0.01) * (1 + np.sin(t / 40))  # a schedule
         steps.append((users, items, rng.uniform(1, 5, n), lr))
-    want = dense_rule(tables, 3.5, steps, wd, adagrad=optimizer == "adagrad")
+    want = dense_rule(tables, 3.5, steps, wd, adagrad=optimizer == "adagrad", gains=gains)
     raw = [torch.tensor(t, dtype=torch.float32) for t in tables]
     scales = torch.ones(4, dtype=torch.float64)
     mu = torch.tensor([3.5], dtype=torch.float64)
@@ -204,9 +206,9 @@ def test_update_equals_dense_rule_after_1000_steps(backend, rng, optimizer):
         args = (*raw, scales, mu, torch.from_numpy(users), torch.from_numpy(items),
                 torch.from_numpy(r).float(), lr, wd)  # fmt: skip
         if optimizer == "sgd":
-            kernels.mf_sgd_step(*args, learn_mu=False, backend=backend)
+            kernels.mf_sgd_step(*args, learn_mu=False, gains=gains, backend=backend)
         else:
-            kernels.mf_adagrad_step(*args, acc, learn_mu=False, backend=backend)
+            kernels.mf_adagrad_step(*args, acc, learn_mu=False, gains=gains, backend=backend)
         if float(scales.min()) < 0.5:  # fold, as the model does
             for k in range(4):
                 raw[k].mul_(float(scales[k]))
@@ -227,11 +229,36 @@ def test_update_matches_reference_step_by_step(backend, rng):
         u = torch.from_numpy(rng.integers(0, 20, n))  # heavy duplication
         i = torch.from_numpy(rng.integers(0, n_rows, n))
         r = torch.from_numpy(rng.uniform(1, 5, n).astype(np.float32))
-        want = ref.mf_sgd_step(*base, u, i, r, 0.1, 0.01)
-        got = kernels.mf_sgd_step(*mine, u, i, r, 0.1, 0.01, backend=backend)
+        gains = (float(rng.uniform(0, 20)), float(rng.uniform(0, 2)), 1.0, 0.5)
+        want = ref.mf_sgd_step(*base, u, i, r, 0.1, 0.01, gains=gains)
+        got = kernels.mf_sgd_step(*mine, u, i, r, 0.1, 0.01, gains=gains, backend=backend)
         assert got == pytest.approx(want, rel=1e-5)
         for a, b in zip(mine, base, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", kernels.available_backends())
+@pytest.mark.parametrize(
+    "gains",
+    [(1.0, 1.0, 1.0), (1.0, 1.0, 1.0, -1.0), (1.0, float("nan"), 1.0, 1.0), (float("inf"),) * 4],
+)
+def test_update_rejects_bad_gains_and_changes_nothing(name, gains):
+    tabs = [
+        torch.ones(3, 4),
+        torch.ones(3, 4),
+        torch.zeros(3),
+        torch.zeros(3),
+        torch.ones(4, dtype=torch.float64),
+        torch.tensor([3.0], dtype=torch.float64),
+    ]
+    before = [t.clone() for t in tabs]
+    one = torch.tensor([0, 1])
+    for n in (one, one[:0]):  # the empty batch too
+        with pytest.raises(ValueError, match="gains"):
+            kernels.mf_sgd_step(*tabs, n, n, torch.ones(len(n)), 0.1, 0.01, gains=gains,
+                                backend=name)  # fmt: skip
+    for a, b in zip(tabs, before, strict=True):
+        assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -277,7 +277,36 @@ def test_load_rejects_foreign_or_future_checkpoints(fitted, tmp_path):
         Recommender.load(tmp_path / "ck")
 
 
+def test_user_gain_scales_the_stream_step_on_user_rows_only(stream):
+    """fit ignores user_gain; feedback moves user rows gain times as far, the rest the same."""
+    recs = []
+    for gain in (1.0, 4.0):
+        rec = Recommender(dim=4, encoder="hashing-16", max_epochs=2, replay_ratio=0.0,
+                          consolidate_every=0, user_gain=gain)  # fmt: skip
+        rec.add_items(stream.item_ids, stream.item_text)
+        ev = stream.events
+        rec.fit(ev.user[:600], ev.item[:600], ev.rating[:600])
+        recs.append(rec)
+    assert_same_bits(state_bits(recs[0]), state_bits(recs[1]))
+    ev = stream.events
+    u, i, r = ev.user[:5], ev.item[600:605], np.full(5, 5.0)
+    moves = []
+    for rec in recs:
+        st = rec.state
+        rows = torch.tensor([st.users.index[x] for x in u])
+        before = st.true_user_rows()[rows].clone()
+        keep = 1.0 - online.effective_lr(rec.config.lr, 5, rec.config) * rec.config.weight_decay
+        rec.feedback(u, i, r)
+        moves.append(st.true_user_rows()[rows] - before * keep)
+    torch.testing.assert_close(moves[1], 4.0 * moves[0], rtol=1e-4, atol=1e-7)
+    assert float(moves[0].abs().max()) > 0
+    torch.testing.assert_close(recs[0].state.true_item_rows(), recs[1].state.true_item_rows())
+    torch.testing.assert_close(recs[0].state.true_item_bias(), recs[1].state.true_item_bias())
+
+
 def test_invalid_hyper_parameters():
+    with pytest.raises(ValueError, match="user_gain"):
+        Recommender(user_gain=-1.0)
     with pytest.raises(ValueError):
         Recommender(lr=0)
     with pytest.raises(ValueError):

@@ -139,13 +139,15 @@ def test_update_matches_reference(tk, rng, optimizer):
         u = torch.from_numpy(rng.integers(0, 10, n))  # heavy duplication
         i = torch.from_numpy(rng.integers(0, n_rows, n))
         r = torch.from_numpy(rng.uniform(1, 5, n).astype(np.float32))
+        gains = (float(rng.uniform(0, 10)), float(rng.uniform(0, 2)), 1.0, 0.0)
         if optimizer == "sgd":
-            lw = ref.mf_sgd_step(*want, s_w, mu_w, u, i, r, 0.1, 0.01)
-            lg = mod.mf_sgd_step(*got, s_g, mu_g, u.to(dev), i.to(dev), r.to(dev), 0.1, 0.01)
+            lw = ref.mf_sgd_step(*want, s_w, mu_w, u, i, r, 0.1, 0.01, gains=gains)
+            lg = mod.mf_sgd_step(*got, s_g, mu_g, u.to(dev), i.to(dev), r.to(dev), 0.1, 0.01,
+                                 gains=gains)  # fmt: skip
         else:
-            lw = ref.mf_adagrad_step(*want, s_w, mu_w, u, i, r, 0.05, 0.01, acc_w)
+            lw = ref.mf_adagrad_step(*want, s_w, mu_w, u, i, r, 0.05, 0.01, acc_w, gains=gains)
             lg = mod.mf_adagrad_step(*got, s_g, mu_g, u.to(dev), i.to(dev), r.to(dev), 0.05,
-                                     0.01, acc_g)  # fmt: skip
+                                     0.01, acc_g, gains=gains)  # fmt: skip
         assert lg == pytest.approx(lw, rel=1e-5, abs=1e-7)
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6)

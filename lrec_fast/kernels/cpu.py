@@ -532,6 +532,7 @@ def _step(
     acc_bu: np.ndarray,
     acc_bv: np.ndarray,
     eps: float,
+    factors: np.ndarray,
 ) -> float:
     n = users.size
     d = U.shape[1]
@@ -570,8 +571,8 @@ def _step(
         other = v_true if side == 0 else u_true
         a_rows = acc_u if side == 0 else acc_v
         a_bias = acc_bu if side == 0 else acc_bv
-        a_r = np.float32(lr / new[SCALE_USER if side == 0 else SCALE_ITEM])
-        a_b = np.float32(lr / new[SCALE_USER_BIAS if side == 0 else SCALE_ITEM_BIAS])
+        a_r = np.float32(factors[SCALE_USER if side == 0 else SCALE_ITEM])
+        a_b = np.float32(factors[SCALE_USER_BIAS if side == 0 else SCALE_ITEM_BIAS])
         order = np.argsort(idx, kind="mergesort")  # stable: duplicates in event order
         p = 0
         while p < n:
@@ -627,6 +628,7 @@ def _run_step(
     learn_mu: bool,
     accumulators: tuple[torch.Tensor, ...] | None,
     eps: float,
+    factors: list[float],
 ) -> float:
     """The numba ``StepImpl`` (see reference.steps_from)."""
     _cpu_arrays(*tables, scales, mu, *(accumulators or ()))
@@ -634,7 +636,8 @@ def _run_step(
     u, v, bu, bv = (t.numpy() for t in tables)
     loss = _step(u, v, bu, bv, scales.numpy(), mu.numpy(), users.numpy(), items.numpy(),
                  ratings.float().numpy(), float(lr), float(weight_decay), bool(learn_mu),
-                 accumulators is not None, acc[0], acc[1], acc[2], acc[3], float(eps))  # fmt: skip
+                 accumulators is not None, acc[0], acc[1], acc[2], acc[3], float(eps),
+                 np.asarray(factors, dtype=np.float64))  # fmt: skip
     return float(loss)
 
 

@@ -6,6 +6,7 @@ Tables are stored lazily decayed (DESIGN.md, "Lazy exact decay"): the true table
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -165,6 +166,23 @@ def predict(
     ) + dot
 
 
+Gains = tuple[float, float, float, float]
+NO_GAINS: Gains = (1.0, 1.0, 1.0, 1.0)
+
+
+def step_factors(
+    scales: torch.Tensor, lr: float, weight_decay: float, gains: Sequence[float]
+) -> list[float]:
+    """Per table w, what its stored (raw) rows take per unit of gradient in one step:
+    lr * gains[w] / s_w', with s_w' = s_w * (1 - lr * weight_decay) the scale after the step.
+    Raises ValueError (before anything changes) unless ``gains`` are 4 finite values >= 0."""
+    g = [float(x) for x in gains]
+    if len(g) != 4 or not all(math.isfinite(x) and x >= 0 for x in g):
+        raise ValueError(f"gains must be 4 finite values >= 0 (U, V, b_u, b_v), not {gains!r}")
+    keep = 1.0 - lr * weight_decay
+    return [lr * x / (s * keep) for x, s in zip(g, scales.tolist(), strict=True)]
+
+
 def _prologue(
     tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     scales: torch.Tensor,
@@ -199,18 +217,21 @@ def mf_sgd_step(
     lr: float,
     weight_decay: float,
     learn_mu: bool = True,
+    gains: Gains = NO_GAINS,
 ) -> float:
     """One decoupled-weight-decay SGD step on a micro-batch of N rating events, in place.
 
     Loss: L = (1/N) * sum_n (r_n - y_hat_n)^2 (mean squared error over the batch).
-    Every row of the four decayed tables (U, V, b_u, b_v) follows exactly
-        theta <- theta - lr * dL/dtheta - lr * weight_decay * theta,
-    with all gradients taken at the pre-step parameters. Untouched rows only decay; duplicate
-    rows sum their gradients (index_add_, deterministic on CPU). mu (a float64 [1] tensor) takes
-    the plain gradient step and does not decay. The decay is O(1): each scale is multiplied by
-    (1 - lr * weight_decay) and the gradient is applied to touched raw rows divided by the new
-    scale. Returns the batch loss before the step.
+    Every row of the four decayed tables w (U, V, b_u, b_v) follows exactly
+        theta <- theta - lr * gains[w] * dL/dtheta - lr * weight_decay * theta,
+    with all gradients taken at the pre-step parameters; ``gains``: a gradient multiplier per
+    table, in the order of the scales (the decay is the same for every table). Untouched rows
+    only decay; duplicate rows sum their gradients (index_add_, deterministic on CPU). mu (a
+    float64 [1] tensor) takes the plain gradient step and does not decay. The decay is O(1):
+    each scale is multiplied by (1 - lr * weight_decay) and the gradient is applied to touched
+    raw rows divided by the new scale. Returns the batch loss before the step.
     """
+    f = step_factors(scales, lr, weight_decay, gains)
     if users.numel() == 0:
         return 0.0
     g, loss, u_true, v_true, new = _prologue(
@@ -223,10 +244,10 @@ def mf_sgd_step(
         lr,
         weight_decay,
     )
-    user_rows.index_add_(0, users, g[:, None] * v_true, alpha=lr / new[SCALE_USER])
-    item_rows.index_add_(0, items, g[:, None] * u_true, alpha=lr / new[SCALE_ITEM])
-    user_bias.index_add_(0, users, g, alpha=lr / new[SCALE_USER_BIAS])
-    item_bias.index_add_(0, items, g, alpha=lr / new[SCALE_ITEM_BIAS])
+    user_rows.index_add_(0, users, g[:, None] * v_true, alpha=f[SCALE_USER])
+    item_rows.index_add_(0, items, g[:, None] * u_true, alpha=f[SCALE_ITEM])
+    user_bias.index_add_(0, users, g, alpha=f[SCALE_USER_BIAS])
+    item_bias.index_add_(0, items, g, alpha=f[SCALE_ITEM_BIAS])
     scales.copy_(torch.tensor(new, dtype=torch.float64))
     if learn_mu:
         mu += lr * float(g.double().sum())
@@ -248,17 +269,20 @@ def mf_adagrad_step(
     accumulators: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     eps: float = 1e-8,
     learn_mu: bool = True,
+    gains: Gains = NO_GAINS,
 ) -> float:
     """Row-wise Adagrad with decoupled weight decay (FBGEMM's "rowwise" mode), in place.
 
     For each touched row r of U and V, with G_r its gradient summed over the batch's duplicate
     events (d values): a_r <- a_r + mean(G_r^2), then
-        theta_r <- theta_r - lr * G_r / (sqrt(a_r) + eps) - lr * weight_decay * theta_r;
+        theta_r <- theta_r - lr * gains[w] * G_r / (sqrt(a_r) + eps) - lr * wd * theta_r
+    (wd = weight_decay, w the table);
     biases are rows of one value (a <- a + G^2). Untouched rows only decay (lazily, through the
     scales, as in ``mf_sgd_step``); the accumulators do not decay. accumulators: float32
     (a_user [n_users], a_item [n_items], a_user_bias [n_users], a_item_bias [n_items]), updated
     in place. mu takes the plain SGD step if learn_mu. Returns the batch loss before the step.
     """
+    f = step_factors(scales, lr, weight_decay, gains)
     if users.numel() == 0:
         return 0.0
     g, loss, u_true, v_true, new = _prologue(
@@ -284,8 +308,8 @@ def mf_adagrad_step(
         grad_b = torch.zeros(len(uniq)).index_add_(0, inv, g)
         a_rows[uniq] += (grad * grad).mean(1)
         a_bias[uniq] += grad_b * grad_b
-        rows[uniq] += grad / (a_rows[uniq].sqrt() + eps)[:, None] * (lr / new[w_rows])
-        bias[uniq] += grad_b / (a_bias[uniq].sqrt() + eps) * (lr / new[w_bias])
+        rows[uniq] += grad / (a_rows[uniq].sqrt() + eps)[:, None] * f[w_rows]
+        bias[uniq] += grad_b / (a_bias[uniq].sqrt() + eps) * f[w_bias]
     scales.copy_(torch.tensor(new, dtype=torch.float64))
     if learn_mu:
         mu += lr * float(g.double().sum())
@@ -294,10 +318,11 @@ def mf_adagrad_step(
 
 Tables = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 # A backend's one update entry: (tables, scales, mu, users, items, ratings, lr, weight_decay,
-# learn_mu, accumulators or None for SGD, eps) -> batch loss; never called with an empty batch.
+# learn_mu, accumulators or None for SGD, eps, factors) -> batch loss, where factors is
+# step_factors(scales, lr, weight_decay, gains); never called with an empty batch.
 StepImpl = Callable[
     [Tables, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, float,
-     bool, "Tables | None", float],
+     bool, "Tables | None", float, list[float]],
     float,
 ]  # fmt: skip
 
@@ -319,12 +344,14 @@ def steps_from(impl: StepImpl) -> tuple[Callable[..., float], Callable[..., floa
         lr: float,
         weight_decay: float,
         learn_mu: bool = True,
+        gains: Gains = NO_GAINS,
     ) -> float:
+        f = step_factors(scales, lr, weight_decay, gains)
         if users.numel() == 0:
             return 0.0
         tables = (user_rows, item_rows, user_bias, item_bias)
         return impl(tables, scales, mu, users, items, ratings, lr, weight_decay, learn_mu,
-                    None, 0.0)  # fmt: skip
+                    None, 0.0, f)  # fmt: skip
 
     def adagrad(
         user_rows: torch.Tensor,
@@ -341,12 +368,14 @@ def steps_from(impl: StepImpl) -> tuple[Callable[..., float], Callable[..., floa
         accumulators: Tables,
         eps: float = 1e-8,
         learn_mu: bool = True,
+        gains: Gains = NO_GAINS,
     ) -> float:
+        f = step_factors(scales, lr, weight_decay, gains)
         if users.numel() == 0:
             return 0.0
         tables = (user_rows, item_rows, user_bias, item_bias)
         return impl(tables, scales, mu, users, items, ratings, lr, weight_decay, learn_mu,
-                    accumulators, eps)  # fmt: skip
+                    accumulators, eps, f)  # fmt: skip
 
     sgd.__doc__, adagrad.__doc__ = mf_sgd_step.__doc__, mf_adagrad_step.__doc__
     return sgd, adagrad

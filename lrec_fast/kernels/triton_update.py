@@ -94,6 +94,7 @@ def _step(
     learn_mu: bool,
     accumulators: tuple[torch.Tensor, ...] | None,
     eps: float,
+    factors: list[float],
 ) -> float:
     """The Triton ``StepImpl`` (see reference.steps_from)."""
     n = users.numel()
@@ -124,7 +125,7 @@ def _step(
         seg_start[1:] = torch.cumsum(counts, 0)
         _rows_kernel[(len(counts),)](
             rows, bias, a_rows, a_bias, seg_start, order, idx, g, other,
-            d, lr / new[w_rows], lr / new[w_bias], float(eps),
+            d, factors[w_rows], factors[w_bias], float(eps),
             ADAGRAD=accumulators is not None, BLOCK_D=block_d,
         )  # fmt: skip
     scales.copy_(torch.tensor(new, dtype=torch.float64))
