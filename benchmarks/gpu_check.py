@@ -88,12 +88,15 @@ def check_update(mod, dev: str, adagrad: bool, steps: int, batch: int) -> str:  
         i = torch.randint(0, n_rows, (batch,), generator=g)
         r = torch.rand(batch, generator=g) * 4 + 1
         lr = 0.05 * (1 + step % 3)
+        gains = (15.0, 1.0, 1.0, 1.0) if step % 2 else (1.0, 1.0, 1.0, 1.0)  # the learner's
         if adagrad:
-            ref.mf_adagrad_step(*base, s_w, mu_w, u, i, r, lr, 0.01, acc_w)
-            mod.mf_adagrad_step(*mine, s_g, mu_g, u.to(dev), i.to(dev), r.to(dev), lr, 0.01, acc_g)
+            ref.mf_adagrad_step(*base, s_w, mu_w, u, i, r, lr, 0.01, acc_w, gains=gains)
+            mod.mf_adagrad_step(*mine, s_g, mu_g, u.to(dev), i.to(dev), r.to(dev), lr, 0.01, acc_g,
+                                gains=gains)  # fmt: skip
         else:
-            ref.mf_sgd_step(*base, s_w, mu_w, u, i, r, lr, 0.01)
-            mod.mf_sgd_step(*mine, s_g, mu_g, u.to(dev), i.to(dev), r.to(dev), lr, 0.01)
+            ref.mf_sgd_step(*base, s_w, mu_w, u, i, r, lr, 0.01, gains=gains)
+            mod.mf_sgd_step(*mine, s_g, mu_g, u.to(dev), i.to(dev), r.to(dev), lr, 0.01,
+                            gains=gains)  # fmt: skip
     err = max(float((a.cpu() - b).abs().max() / b.abs().max().clamp_min(1e-12))
               for a, b in zip(mine, base, strict=True))  # fmt: skip
     name = "adagrad" if adagrad else "sgd"
