@@ -492,6 +492,8 @@ class Recommender:
         """Load a checkpoint written by ``save`` (no pickle anywhere)."""
         state, cfg = load_state(directory)
         learner = dict(cfg["learner"])
+        # written before the user gain existed: it learned at one rate, and goes on so
+        learner.setdefault("user_gain", 1.0)
         lr, wd = learner.pop("lr"), learner.pop("weight_decay")
         rec = cls(state.dim, lr, wd, backend, encoder=cfg["encoder"],
                   rating_range=tuple(cfg["rating_range"]), cache_dir=cache_dir,

@@ -266,6 +266,15 @@ def test_save_load_round_trip_bit_exact(fitted, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temp leftovers
 
 
+def test_checkpoint_from_before_the_user_gain_keeps_learning_at_one_rate(fitted, tmp_path):
+    fitted.save(tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "state.json").read_text())
+    assert meta["config"]["learner"]["user_gain"] == fitted.config.user_gain == 15.0
+    del meta["config"]["learner"]["user_gain"]
+    (tmp_path / "ck" / "state.json").write_text(json.dumps(meta))
+    assert Recommender.load(tmp_path / "ck").config.user_gain == 1.0
+
+
 def test_load_rejects_foreign_or_future_checkpoints(fitted, tmp_path):
     with pytest.raises(ValueError, match="not an lrec_fast checkpoint"):
         Recommender.load(tmp_path)
