@@ -178,7 +178,8 @@ def _serving_state(
     meta = {"dim": st.dim, "text_dim": st.text_dim, "n_users": len(st.users),
             "n_items": len(st.items), "rating_range": list(rec.rating_range),
             "proj_fitted": bool(st.proj_fitted), "rank_by": cfg.rank_by,
-            "history_len": st.history_len, "history_decay": cfg.history_decay}  # fmt: skip
+            "history_len": st.history_len, "history_decay": cfg.history_decay,
+            "rerank_weight": cfg.rerank_weight, "rerank_depth": cfg.rerank_depth}  # fmt: skip
     return tensors, ids, meta
 
 
@@ -238,6 +239,9 @@ class Deployment:
         self.item_rank_bias_cold = t.get("item_rank_bias_cold", self.item_rank_bias)
         self.ctx_rows, self.user_recent = t["ctx_rows"], t["user_recent"]
         self.rank_by: str = self.manifest["rank_by"]
+        # exported before the re-rank existed: none
+        self.rerank_weight = float(self.manifest.get("rerank_weight", 0.0))
+        self.rerank_depth = int(self.manifest.get("rerank_depth", 0))
         self.user_bias = t["user_bias"]
         self.mu = float(t["mu"][0])
         self.proj = t["proj"]
@@ -299,7 +303,7 @@ class Deployment:
         """As ``Recommender.recommend``: (item ids [B, k], ranking scores float32 [B, k])."""
         import torch
 
-        from .ranking import cold_users
+        from .ranking import cold_users, rerank
         from .service import NO_ITEMS, _as_ids, check_k, external_ids, ranked_topk
 
         ids = _as_ids(user_ids, "user_ids")
@@ -313,12 +317,36 @@ class Deployment:
             rs = self.rank_row_scale
             terms = (torch.from_numpy(self.item_rank_bias),
                      torch.from_numpy(self.item_rank_bias_cold))  # fmt: skip
+            on = self.rank_by == "softmax" and self.rerank_weight > 0 and self.rerank_depth > 0
+            warm = ~cold if on else torch.zeros_like(cold)
+            m = max(int(k), self.rerank_depth) if bool(warm.any()) else int(k)
             scores, top = ranked_topk(
-                torch.from_numpy(q), torch.from_numpy(self.rank_rows), int(k), terms, cold, seen,
+                torch.from_numpy(q), torch.from_numpy(self.rank_rows), m, terms, cold, seen,
                 row_scale=torch.from_numpy(rs) if rs is not None else None,
             )  # fmt: skip
-            scores = scores.numpy() + offset[:, None]
-            return external_ids(top, self._items.array()), scores.astype(np.float32)
+            scores = scores + torch.from_numpy(offset)[:, None]
+            if bool(warm.any()):
+                sel = torch.nonzero(warm).flatten()
+                users = [idx[r] for r in sel.tolist()]
+                scores[sel], top[sel], _ = rerank(
+                    scores[sel], top[sel], lambda items: self._rating(users, items),
+                    self.rerank_weight, self.rerank_depth,
+                )  # fmt: skip
+            scores, top = scores[:, : int(k)], top[:, : int(k)]
+            return external_ids(top, self._items.array()), scores.numpy().astype(np.float32)
+
+    def _rating(self, users: list[int], items: Any) -> Any:
+        """Predicted ratings of known user rows [B] for item rows (torch int64 [B, m]), as a
+        float32 torch tensor [B, m] (the re-rank's)."""
+        import torch
+
+        rows = items.numpy()
+        v = self.item_rows[rows].astype(np.float32)
+        if self.item_row_scale is not None:
+            v = v * self.item_row_scale[rows][..., None]
+        u = np.asarray(users, dtype=np.int64)
+        p = (self.user_rows[u][:, None, :] * v).sum(-1) + self.item_bias[rows]
+        return torch.from_numpy((p + self.user_bias[u][:, None] + self.mu).astype(np.float32))
 
     def predict(self, user_ids: Sequence[Any], item_ids: Sequence[Any]) -> np.ndarray:
         """Predicted ratings, float32 [N]; unknown items raise ValueError."""

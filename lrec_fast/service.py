@@ -428,12 +428,37 @@ class Recommender:
         ranking history)."""
         ids = _as_ids(user_ids, "user_ids")
         with self._lock:
-            q, v, scale, terms, offset, cold, _ = self._ranking(ids)
+            q, v, scale, terms, offset, cold, idx = self._ranking(ids)
             out = (q @ v.T) * scale + offset[:, None]
             for flag, term in zip((False, True), terms, strict=True):
                 if term.numel():  # built only where the batch has such a query
                     out[cold == flag] += term
+            warm = self._reranked(cold)
+            if bool(warm.any()):
+                self._rerank_all(out, warm, idx)
             return out.numpy()
+
+    def _rerank_all(self, out: torch.Tensor, warm: torch.Tensor, idx: list[int]) -> None:
+        """``rank_all``'s scores [B, n_items] in place, for the ``warm`` queries: as
+        ``recommend`` (seen items excluded) re-ranks and shifts them, every item not re-ranked
+        lowered by the same shift."""
+        st = self.state
+        sel = torch.nonzero(warm).flatten()
+        users = torch.tensor(idx, dtype=torch.int64)[sel]
+        rows = out[sel].clone()
+        for a, u in enumerate(users.tolist()):
+            rows[a, torch.from_numpy(st.seen.sorted(u))] = -torch.inf
+        # a stable sort: ties to the lower item row, the kernels' candidates exactly
+        top_s, top = torch.sort(rows, dim=1, descending=True, stable=True)
+        top = torch.where(top_s > -torch.inf, top, -1)
+        cfg = self.config
+        new_s, new_top, shift = ranking.rerank(top_s, top, ranking.rating_of(st, users),
+                                               cfg.rerank_weight, cfg.rerank_depth)  # fmt: skip
+        depth = min(cfg.rerank_depth, out.shape[1])
+        for a, r in enumerate(sel.tolist()):
+            out[r] -= shift[a]
+            ok = new_top[a, :depth] >= 0
+            out[r, new_top[a, :depth][ok]] = new_s[a, :depth][ok]
 
     def recommend(
         self, user_ids: Sequence[Id] | np.ndarray, k: int = 10, exclude_seen: bool = True
@@ -448,10 +473,28 @@ class Recommender:
             st = self.state
             q, v, scale, terms, offset, cold, idx = self._ranking(ids)
             seen = [st.seen.sorted(i) if (exclude_seen and i >= 0) else NO_ITEMS for i in idx]
-            scores, top = ranked_topk(q, v, int(k), terms, cold, seen, self.backend,
+            warm = self._reranked(cold)
+            m = max(int(k), self.config.rerank_depth) if bool(warm.any()) else int(k)
+            scores, top = ranked_topk(q, v, m, terms, cold, seen, self.backend,
                                       item_scale=scale)  # fmt: skip
             scores = scores + offset[:, None]
+            if bool(warm.any()):
+                sel = torch.nonzero(warm).flatten()
+                users = torch.tensor(idx, dtype=torch.int64)[sel]
+                scores[sel], top[sel], _ = ranking.rerank(
+                    scores[sel], top[sel], ranking.rating_of(st, users),
+                    self.config.rerank_weight, self.config.rerank_depth,
+                )  # fmt: skip
+            scores, top = scores[:, : int(k)], top[:, : int(k)]
             return external_ids(top, st.items.array()), scores.numpy().astype(np.float32)
+
+    def _reranked(self, cold: torch.Tensor) -> torch.Tensor:
+        """Which queries the re-rank applies to, bool [B]: users with a ranking history, when
+        the ranking head ranks and ``rerank_weight`` and ``rerank_depth`` are on."""
+        cfg = self.config
+        if cfg.rank_by != "softmax" or cfg.rerank_weight == 0 or cfg.rerank_depth == 0:
+            return torch.zeros_like(cold)
+        return ~cold
 
     def predict(
         self, user_ids: Sequence[Id] | np.ndarray, item_ids: Sequence[Id] | np.ndarray

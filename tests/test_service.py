@@ -26,7 +26,8 @@ def test_fit_recommend_predict(fitted, stream):
         seen = {fitted.state.items.ids[j] for j in fitted.state.seen[fitted.state.users.index[u]]}
         assert not seen & set(row.tolist())
     # recommend's scores are the ranking head's (fold-in query . target row + target bias)
-    # plus the recency prior, as rank_all says
+    # plus the recency prior, plus (a warm user, k <= rerank_depth) rerank_weight x the
+    # predicted rating; rank_all orders them the same, shifted by one constant
     st = fitted.state
     cols = [st.items.index[j] for j in items[0].tolist()]
     prior = fitted.config.prior_weight * np.log1p(st.recent_counts().numpy()[cols])
@@ -35,8 +36,12 @@ def test_fit_recommend_predict(fitted, stream):
     assert w.sum() > 0
     q = (st.ctx_rows.t[hist.clamp_min(0)] * w[:, None]).sum(0) / w.sum()
     want = st.tgt_rows.t[cols] @ q + st.tgt_bias.t[cols]
-    np.testing.assert_allclose(want.numpy() + prior, scores[0], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(fitted.rank_all([0])[0][cols], scores[0], rtol=1e-5, atol=1e-5)
+    rating = fitted.predict([0] * 5, items[0].tolist())
+    want = want.numpy() + prior + fitted.config.rerank_weight * rating
+    np.testing.assert_allclose(want, scores[0], rtol=1e-5, atol=1e-5)
+    shifted = fitted.rank_all([0])[0][cols]
+    np.testing.assert_allclose(shifted - shifted[0], scores[0] - scores[0][0], rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
     # rank_by="rating": the predicted ratings plus the prior
     fitted.config.rank_by = "rating"
     try:
@@ -491,3 +496,63 @@ def test_replay_reservoir_is_a_uniform_deterministic_sample():
     torch.testing.assert_close(r, u.float() / 10_000)
     empty = ModelState(dim=2, text_dim=2)
     assert online.replay_sample(empty, 100, cfg)[0].numel() == 0
+
+
+def test_rerank_orders_warm_users_head_candidates_by_predicted_rating(fitted):
+    """The head's first rerank_depth candidates, re-ordered by score + weight x predicted
+    rating; the rest in the head's order below them; rank_all orders every item the same."""
+    st, cfg = fitted.state, fitted.config
+    cfg.rerank_depth = 4
+    users = [0, 1, 2, "nobody"]
+    cfg.rerank_weight = 0.0
+    head_ids, head_scores = fitted.recommend(users, k=9)
+    cfg.rerank_weight = 2.0
+    ids, scores = fitted.recommend(users, k=9)
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)  # still best first
+    for b, u in enumerate(users[:3]):
+        assert sorted(ids[b, :4].tolist()) == sorted(head_ids[b, :4].tolist())
+        assert ids[b, 4:].tolist() == head_ids[b, 4:].tolist()
+        rating = fitted.predict([u] * 4, ids[b, :4].tolist())
+        head = dict(zip(head_ids[b].tolist(), head_scores[b].tolist(), strict=True))
+        want = np.array([head[j] for j in ids[b, :4].tolist()]) + 2.0 * rating
+        np.testing.assert_allclose(scores[b, :4], want, rtol=1e-5, atol=1e-5)
+        # rank_all: the same order over every unseen item, the first 4 with the same scores
+        got = fitted.rank_all([u])[0]
+        seen = st.seen.sorted(st.users.index[u])
+        got[seen] = -np.inf
+        order = np.argsort(-got, kind="stable")[:9]
+        assert [st.items.ids[j] for j in order] == ids[b].tolist()
+        np.testing.assert_allclose(got[order[:4]], scores[b, :4], rtol=1e-5, atol=1e-5)
+    assert ids[:3, :4].tolist() != head_ids[:3, :4].tolist()  # the re-rank did reorder
+    # an unknown user has no history: the head's answer as it is
+    assert ids[3].tolist() == head_ids[3].tolist()
+    np.testing.assert_array_equal(scores[3], head_scores[3])
+    # k within the depth: a prefix of the same answer
+    ids3, scores3 = fitted.recommend(users, k=3)
+    assert ids3.tolist() == ids[:, :3].tolist()
+    np.testing.assert_allclose(scores3, scores[:, :3], rtol=1e-6)
+
+
+def test_rerank_with_fewer_eligible_items_than_the_depth(stream):
+    rec = Recommender(dim=4, encoder="hashing-16", max_epochs=2, rerank_depth=30)
+    items = list(stream.item_ids[:12])
+    rec.add_items(items, stream.item_text[:12])
+    rec.fit([0] * 8 + [1] * 2, items[:8] + items[:2], [5.0] * 10)
+    ids, scores = rec.recommend([0, 1], k=6)
+    assert ids[0, 4:].tolist() == [-1, -1] and np.isneginf(scores[0, 4:]).all()
+    assert (ids[0, :4] >= 0).all() and np.all(np.diff(scores[0, :4]) <= 1e-6)
+    assert (ids[1] >= 0).all()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"rerank_weight": -1.0},
+        {"rerank_weight": float("nan")},
+        {"rerank_depth": -1},
+        {"rerank_depth": 5000},
+    ],
+)
+def test_rerank_settings_are_checked(kw):
+    with pytest.raises(ValueError, match="rerank"):
+        Recommender(**kw)
