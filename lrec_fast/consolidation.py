@@ -135,18 +135,8 @@ def consolidate(
                 torch.cat([ratings[b], rr]),
             )
             try:
-                online.step(
-                    state,
-                    u,
-                    i,
-                    r,
-                    cfg.lr,
-                    cfg.weight_decay,
-                    cfg,
-                    backend,
-                    max_loss,
-                    user_gain=cfg.user_gain,
-                )
+                online.step(state, u, i, r, cfg.lr, cfg.weight_decay, cfg, backend, max_loss,
+                            user_gain=cfg.user_gain)  # fmt: skip
             except DivergenceError:
                 report.rejected += 1
             if softmax:

@@ -340,13 +340,12 @@ class Deployment:
         float32 torch tensor [B, m] (the re-rank's)."""
         import torch
 
-        rows = items.numpy()
-        v = self.item_rows[rows].astype(np.float32)
-        if self.item_row_scale is not None:
-            v = v * self.item_row_scale[rows][..., None]
         u = np.asarray(users, dtype=np.int64)
-        p = (self.user_rows[u][:, None, :] * v).sum(-1) + self.item_bias[rows]
-        return torch.from_numpy((p + self.user_bias[u][:, None] + self.mu).astype(np.float32))
+        return torch.from_numpy(
+            self._rating_sum(
+                self.user_rows[u][:, None, :], self.user_bias[u][:, None], items.numpy()
+            )
+        )
 
     def predict(self, user_ids: Sequence[Any], item_ids: Sequence[Any]) -> np.ndarray:
         """Predicted ratings, float32 [N]; unknown items raise ValueError."""
@@ -361,10 +360,15 @@ class Deployment:
                 raise ValueError(f"unknown items: {missing[:5]}")
             q, b, _ = self._queries(u)
             rows = np.array([self._items.index[j] for j in i], dtype=np.int64)
-            v = self.item_rows[rows].astype(np.float32)
-            if self.item_row_scale is not None:
-                v = v * self.item_row_scale[rows, None]
-            return ((q * v).sum(1) + self.item_bias[rows] + b + self.mu).astype(np.float32)
+            return self._rating_sum(q, b, rows)
+
+    def _rating_sum(self, q: np.ndarray, b: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """mu + b + b_v[rows] + <q, V[rows]>, float32 with rows' shape (q [..., d] and b
+        broadcast against rows)."""
+        v = self.item_rows[rows].astype(np.float32)
+        if self.item_row_scale is not None:
+            v = v * self.item_row_scale[rows][..., None]
+        return ((q * v).sum(-1) + self.item_bias[rows] + b + self.mu).astype(np.float32)
 
     def add_items(self, item_ids: Sequence[Any], texts: Sequence[str]) -> None:
         """New items from their text: ONNX encoder -> projection -> [row | bias], appended to
