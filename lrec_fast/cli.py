@@ -144,7 +144,10 @@ def _example(rec: Any, ds: Any) -> None:
         print(f"    {text[int(j)]}")
     print(f"  one feedback call: {len(liked)} sci-fi action films rated 5, "
           f"{len(disliked)} romantic comedies rated 1")  # fmt: skip
-    print("  right after it (ranking head: history fold-in score + recency prior):")
+    print(
+        "  right after it (ranking head: history fold-in score + recency prior, its top 30 "
+        "re-ranked with the predicted rating):"
+    )
     for j, s in zip(after[0], scores[0], strict=True):
         print(f"    {s:4.2f}  {text[int(j)]}")
     for j, a, b in zip(probe, p0, p1, strict=True):
