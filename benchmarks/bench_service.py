@@ -37,11 +37,18 @@ def rec():
     return movielens_sized()
 
 
+@pytest.mark.parametrize("rerank", [True, False], ids=["rerank", "no-rerank"])
 @pytest.mark.parametrize("b", [1, 64])
-def test_recommend(benchmark, rec, b):
+def test_recommend(benchmark, rec, b, rerank):
+    """The default (warm users' top 30 re-ranked) beside rerank_weight=0, the head alone."""
     users = rec.state.users.ids[:b]
     benchmark.group = f"service recommend B={b} k=10"
-    items, _ = benchmark(rec.recommend, users, 10)
+    weight = rec.config.rerank_weight
+    rec.config.rerank_weight = weight if rerank else 0.0
+    try:
+        items, _ = benchmark(rec.recommend, users, 10)
+    finally:
+        rec.config.rerank_weight = weight
     assert items.shape == (b, 10)
 
 

@@ -303,8 +303,8 @@ class Deployment:
         """As ``Recommender.recommend``: (item ids [B, k], ranking scores float32 [B, k])."""
         import torch
 
-        from .ranking import cold_users, rerank
-        from .service import NO_ITEMS, _as_ids, check_k, external_ids, ranked_topk
+        from .ranking import cold_users, reranks
+        from .service import NO_ITEMS, _as_ids, check_k, external_ids, served_topk
 
         ids = _as_ids(user_ids, "user_ids")
         check_k(k)
@@ -317,35 +317,25 @@ class Deployment:
             rs = self.rank_row_scale
             terms = (torch.from_numpy(self.item_rank_bias),
                      torch.from_numpy(self.item_rank_bias_cold))  # fmt: skip
-            on = self.rank_by == "softmax" and self.rerank_weight > 0 and self.rerank_depth > 0
-            warm = ~cold if on else torch.zeros_like(cold)
-            m = max(int(k), self.rerank_depth) if bool(warm.any()) else int(k)
-            scores, top = ranked_topk(
-                torch.from_numpy(q), torch.from_numpy(self.rank_rows), m, terms, cold, seen,
+            rerank = None
+            if reranks(self.rank_by, self.rerank_weight, self.rerank_depth):
+                rerank = (lambda pos: self._rating([idx[p] for p in pos]), self.rerank_weight,
+                          self.rerank_depth)  # fmt: skip
+            scores, top = served_topk(
+                torch.from_numpy(q), torch.from_numpy(self.rank_rows), int(k), terms, cold, seen,
+                torch.from_numpy(offset), rerank,
                 row_scale=torch.from_numpy(rs) if rs is not None else None,
             )  # fmt: skip
-            scores = scores + torch.from_numpy(offset)[:, None]
-            if bool(warm.any()):
-                sel = torch.nonzero(warm).flatten()
-                users = [idx[r] for r in sel.tolist()]
-                scores[sel], top[sel], _ = rerank(
-                    scores[sel], top[sel], lambda items: self._rating(users, items),
-                    self.rerank_weight, self.rerank_depth,
-                )  # fmt: skip
-            scores, top = scores[:, : int(k)], top[:, : int(k)]
             return external_ids(top, self._items.array()), scores.numpy().astype(np.float32)
 
-    def _rating(self, users: list[int], items: Any) -> Any:
-        """Predicted ratings of known user rows [B] for item rows (torch int64 [B, m]), as a
-        float32 torch tensor [B, m] (the re-rank's)."""
+    def _rating(self, users: list[int]) -> Any:
+        """The re-rank's rating function for known user rows [B]: item rows (torch int64
+        [B, m]) -> predicted ratings (float32 torch tensor [B, m])."""
         import torch
 
         u = np.asarray(users, dtype=np.int64)
-        return torch.from_numpy(
-            self._rating_sum(
-                self.user_rows[u][:, None, :], self.user_bias[u][:, None], items.numpy()
-            )
-        )
+        q, b = self.user_rows[u][:, None, :], self.user_bias[u][:, None]
+        return lambda items: torch.from_numpy(self._rating_sum(q, b, items.numpy()))
 
     def predict(self, user_ids: Sequence[Any], item_ids: Sequence[Any]) -> np.ndarray:
         """Predicted ratings, float32 [N]; unknown items raise ValueError."""

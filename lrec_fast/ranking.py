@@ -85,6 +85,11 @@ def cold_users(recent: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
     return (users < 0) | (recent[users.clamp_min(0)] < 0).all(1)
 
 
+def reranks(rank_by: str, weight: float, depth: int) -> bool:
+    """Whether ``recommend`` re-ranks warm users' candidates (``rerank``) with these settings."""
+    return rank_by == "softmax" and weight > 0 and depth > 0
+
+
 def rating_of(state: ModelState, users: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """The rating model's predictions for known user rows [B], as ``rerank`` takes them."""
 

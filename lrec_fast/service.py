@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,30 @@ def ranked_topk(
                                   backend=backend, **kw)  # fmt: skip
         out_s[sel], out_i[sel] = s, i
     return out_s, out_i
+
+
+def served_topk(
+    q: torch.Tensor, rows: torch.Tensor, k: int, item_terms: tuple[torch.Tensor, torch.Tensor],
+    cold: torch.Tensor, exclude: Sequence[np.ndarray], offset: torch.Tensor,
+    rerank: tuple[Callable[[list[int]], Callable[[torch.Tensor], torch.Tensor]], float, int]
+    | None, backend: str | None = None, **kw: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """What ``recommend`` returns, as row indices: ``ranked_topk`` plus the per-query
+    ``offset`` [B], then, where ``rerank`` = (rating_for, weight, depth) is given, the warm
+    queries' (``~cold``) first ``depth`` candidates re-ranked (``ranking.rerank``; the kernel
+    keeps max(k, depth) for them); ``rating_for(query positions)`` gives their rating
+    function. Returns (scores float32 [B, k], rows int64 [B, k])."""
+    warm = torch.nonzero(~cold).flatten() if rerank is not None else None
+    if warm is None or warm.numel() == 0:
+        scores, top = ranked_topk(q, rows, k, item_terms, cold, exclude, backend, **kw)
+        return scores + offset[:, None], top
+    rating_for, weight, depth = rerank  # type: ignore[misc]
+    scores, top = ranked_topk(q, rows, max(k, depth), item_terms, cold, exclude, backend, **kw)
+    scores = scores + offset[:, None]
+    scores[warm], top[warm], _ = ranking.rerank(scores[warm], top[warm],
+                                                rating_for(warm.tolist()), weight,
+                                                depth)  # fmt: skip
+    return scores[:, :k], top[:, :k]
 
 
 def external_ids(top: torch.Tensor, item_ids: np.ndarray) -> np.ndarray:
@@ -433,9 +457,11 @@ class Recommender:
             for flag, term in zip((False, True), terms, strict=True):
                 if term.numel():  # built only where the batch has such a query
                     out[cold == flag] += term
-            warm = self._reranked(cold)
-            if bool(warm.any()):
-                self._rerank_all(out, warm, idx)
+            cfg = self.config
+            if ranking.reranks(cfg.rank_by, cfg.rerank_weight, cfg.rerank_depth) and bool(
+                (~cold).any()
+            ):
+                self._rerank_all(out, ~cold, idx)
             return out.numpy()
 
     def _rerank_all(self, out: torch.Tensor, warm: torch.Tensor, idx: list[int]) -> None:
@@ -473,28 +499,24 @@ class Recommender:
             st = self.state
             q, v, scale, terms, offset, cold, idx = self._ranking(ids)
             seen = [st.seen.sorted(i) if (exclude_seen and i >= 0) else NO_ITEMS for i in idx]
-            warm = self._reranked(cold)
-            m = max(int(k), self.config.rerank_depth) if bool(warm.any()) else int(k)
-            scores, top = ranked_topk(q, v, m, terms, cold, seen, self.backend,
+            scores, top = served_topk(q, v, int(k), terms, cold, seen, offset,
+                                      self._rerank(idx), self.backend,
                                       item_scale=scale)  # fmt: skip
-            scores = scores + offset[:, None]
-            if bool(warm.any()):
-                sel = torch.nonzero(warm).flatten()
-                users = torch.tensor(idx, dtype=torch.int64)[sel]
-                scores[sel], top[sel], _ = ranking.rerank(
-                    scores[sel], top[sel], ranking.rating_of(st, users),
-                    self.config.rerank_weight, self.config.rerank_depth,
-                )  # fmt: skip
-            scores, top = scores[:, : int(k)], top[:, : int(k)]
             return external_ids(top, st.items.array()), scores.numpy().astype(np.float32)
 
-    def _reranked(self, cold: torch.Tensor) -> torch.Tensor:
-        """Which queries the re-rank applies to, bool [B]: users with a ranking history, when
-        the ranking head ranks and ``rerank_weight`` and ``rerank_depth`` are on."""
+    def _rerank(
+        self, idx: list[int]
+    ) -> tuple[Callable[[list[int]], Callable[[torch.Tensor], torch.Tensor]], float, int] | None:
+        """``served_topk``'s re-rank for queries of user rows ``idx``, or None when off."""
         cfg = self.config
-        if cfg.rank_by != "softmax" or cfg.rerank_weight == 0 or cfg.rerank_depth == 0:
-            return torch.zeros_like(cold)
-        return ~cold
+        if not ranking.reranks(cfg.rank_by, cfg.rerank_weight, cfg.rerank_depth):
+            return None
+
+        def rating_for(pos: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+            users = torch.tensor([idx[p] for p in pos], dtype=torch.int64)
+            return ranking.rating_of(self.state, users)
+
+        return rating_for, cfg.rerank_weight, cfg.rerank_depth
 
     def predict(
         self, user_ids: Sequence[Id] | np.ndarray, item_ids: Sequence[Id] | np.ndarray
