@@ -150,7 +150,12 @@ def test_update_matches_reference(tk, rng, optimizer):
                                      0.01, acc_g, gains=gains)  # fmt: skip
         assert lg == pytest.approx(lw, rel=1e-5, abs=1e-7)
         for a, b in zip(got, want, strict=True):
-            torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6)
+            # 1e-5 of the table's scale: Adagrad's step is g / |g| on an element's first update,
+            # so where a gradient nearly cancels, two fp32 summation orders of the duplicates
+            # legitimately differ by ~2e-6 of the scale (the fp32 reference is as far from
+            # float64 arithmetic there as the kernel is).
+            atol = 1e-5 * max(float(b.abs().max()), 1e-3)
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=atol)
         torch.testing.assert_close(s_g, s_w)
         torch.testing.assert_close(mu_g, mu_w)
     if optimizer == "adagrad":
