@@ -18,6 +18,18 @@ with ``Recommender.consolidate()``, or every ``consolidate_every`` events) a con
 5. refits the text projection and gives never-rated items their new text prior.
 
 The two heads own disjoint tables, so each is validated, kept or rolled back on its own.
+
+The validation share has been learned from already (``feedback`` trained on every event as it
+arrived), so it measures fit more than generalisation; README, "Update semantics".
+
+Slower still (every ``refit_every`` events, or ``Recommender.refit()``), ``refit`` runs
+``refit_epochs`` shuffled passes of the rating head over the event log (the newest
+``refit_log_size`` events learned from) at the warm-up fit's learning rate and decay, user
+gain 1, in mini-batches of ``batch_size``: the stream's single time-ordered pass, with its
+user gain, learns fast and drifts; a shuffled pass over everything pulls the rows back toward
+what all the data says (less forgetting, better stream RMSE too). A divergent mini-batch is
+rejected and changes nothing; there is no validation share that no step has seen, so the pass
+count is a setting (picked on the warm-up, ``LearnerConfig``), not early-stopped.
 """
 
 from __future__ import annotations
@@ -156,5 +168,43 @@ def consolidate(
     best_rating.restore()
     best_rank.restore()
     report.rating_kept, report.rank_kept = best_rating.epoch, best_rank.epoch
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+@dataclass
+class RefitReport:
+    """What one refit did: events in the log it passed over, passes, mini-batch steps the
+    guard rails refused, and the log's RMSE (clipped predictions) before and after."""
+
+    events: int = 0
+    epochs: int = 0
+    rejected: int = 0
+    rmse_before: float = math.nan
+    rmse_after: float = math.nan
+    seconds: float = 0.0
+
+
+def refit(
+    state: ModelState, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
+    cfg: LearnerConfig, backend: str, clip: tuple[float, float] | None = None,
+) -> RefitReport:  # fmt: skip
+    """Shuffled passes of the rating head over logged events (row indices [n], ratings [n]);
+    see the module doc. In place; returns the report."""
+    t0 = time.perf_counter()
+    n = users.numel()
+    report = RefitReport(events=n)
+    if n == 0 or cfg.refit_epochs == 0:
+        return report
+    lr, wd = online.fit_rates(cfg)
+    max_loss = (clip[1] - clip[0]) ** 2 if clip is not None else math.inf
+    report.rmse_before = online.rmse(state, users, items, ratings, clip)
+    rng = np.random.default_rng([cfg.seed, int(state.replay_seen), 3])
+    for epoch in range(1, cfg.refit_epochs + 1):
+        order = torch.from_numpy(rng.permutation(n))
+        report.rejected += online.shuffled_pass(state, users, items, ratings, order, lr, wd,
+                                                cfg, backend, max_loss)  # fmt: skip
+        report.epochs = epoch
+    report.rmse_after = online.rmse(state, users, items, ratings, clip)
     report.seconds = time.perf_counter() - t0
     return report

@@ -209,6 +209,14 @@ class ModelState:
     since_consolidation: torch.Tensor = field(
         default_factory=lambda: torch.zeros(1, dtype=torch.int64)
     )
+    # Event log for the refit (consolidation.refit): the newest events learned from (user
+    # rows, item rows, ratings; time order, trimmed like the window), and how many events were
+    # learned from since the last refit. Append-only between trims, so snapshots leave it out
+    # (nothing that can roll back appends to it).
+    log_users: Rows = field(init=False)
+    log_items: Rows = field(init=False)
+    log_ratings: Rows = field(init=False)
+    since_refit: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.int64))
     # Random source of the learner (row initialisation, sampled negatives, shuffles), saved
     # with the checkpoint so a reloaded model continues exactly as the original would.
     rng: torch.Generator = field(default_factory=torch.Generator, repr=False, compare=False)
@@ -238,6 +246,9 @@ class ModelState:
         self.window_items = Rows(None, torch.int64)
         self.window_ratings = Rows(None, torch.float32)
         self.window_hist = Rows(self.history_len, torch.int64)
+        self.log_users = Rows(None, torch.int64)
+        self.log_items = Rows(None, torch.int64)
+        self.log_ratings = Rows(None, torch.float32)
         self.proj = torch.zeros(3 * self.dim + 2, self.text_dim)
 
     def proj_slices(self) -> dict[str, slice]:
@@ -309,22 +320,41 @@ class ModelState:
     # -- consolidation window ----------------------------------------------------------------
     WINDOW_TABLES = ("window_users", "window_items", "window_ratings", "window_hist")
 
-    def remember(self, events: tuple[torch.Tensor, ...], size: int) -> None:
-        """Append events (user rows, item rows, ratings, histories; time order) to the
-        consolidation window, keeping at least the newest ``size``: the tables are cut back to
-        ``size`` rows once they reach twice that, so the cost per event is O(1) amortised."""
-        tables = [getattr(self, name) for name in self.WINDOW_TABLES]
+    LOG_TABLES = ("log_users", "log_items", "log_ratings")
+
+    def _keep_newest(self, names: tuple[str, ...], events: tuple[torch.Tensor, ...],
+                     size: int) -> None:  # fmt: skip
+        """Append ``events`` to the tables ``names``, keeping at least the newest ``size`` rows:
+        the tables are cut back to ``size`` once they reach twice that (O(1) amortised)."""
+        tables = [getattr(self, name) for name in names]
         for table, t in zip(tables, events, strict=True):
             table.append(t)
-        if self.window_users.n > 2 * size:
+        if tables[0].n > 2 * size:
             for table in tables:
                 table.set(table.t[table.n - size :].clone())
+
+    def _newest(self, names: tuple[str, ...], size: int) -> tuple[torch.Tensor, ...]:
+        start = max(getattr(self, names[0]).n - size, 0)
+        return tuple(getattr(self, name).t[start:] for name in names)
+
+    def remember(self, events: tuple[torch.Tensor, ...], size: int) -> None:
+        """Append events (user rows, item rows, ratings, histories; time order) to the
+        consolidation window, keeping at least the newest ``size``."""
+        self._keep_newest(self.WINDOW_TABLES, events, size)
 
     def window(self, size: int) -> tuple[torch.Tensor, ...]:
         """The newest ``size`` events of the window (or all it holds): user rows, item rows,
         ratings, histories, time order."""
-        start = max(self.window_users.n - size, 0)
-        return tuple(getattr(self, name).t[start:] for name in self.WINDOW_TABLES)
+        return self._newest(self.WINDOW_TABLES, size)
+
+    def log(self, events: tuple[torch.Tensor, ...], size: int) -> None:
+        """Append events (user rows, item rows, ratings; time order) to the refit's event log,
+        keeping at least the newest ``size``."""
+        self._keep_newest(self.LOG_TABLES, events, size)
+
+    def logged(self, size: int) -> tuple[torch.Tensor, ...]:
+        """The newest ``size`` events of the log: user rows, item rows, ratings."""
+        return self._newest(self.LOG_TABLES, size)
 
     # -- snapshots (rollback) --------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -348,6 +378,8 @@ class ModelState:
             "user_recent": self.user_recent.t,
             "window_users": self.window_users.t, "window_items": self.window_items.t,
             "window_ratings": self.window_ratings.t, "window_hist": self.window_hist.t,
+            "log_users": self.log_users.t, "log_items": self.log_items.t,
+            "log_ratings": self.log_ratings.t, "since_refit": self.since_refit,
             "since_consolidation": self.since_consolidation, "rng_state": self.rng.get_state(),
             "scales": self.scales, "mu": self.mu, "proj": self.proj,
             "seen_indptr": torch.from_numpy(indptr),
@@ -376,8 +408,14 @@ class ModelState:
                 getattr(self, name).set(t[name].clone())
             else:
                 getattr(self, name).n = 0
+        # snapshots leave the log out (it is kept as it is); checkpoints before it existed
+        # start with an empty one (a fresh state's)
+        for name in self.LOG_TABLES:
+            if name in t:
+                getattr(self, name).set(t[name].clone())
         zero = torch.zeros(1, dtype=torch.int64)
         self.since_consolidation = t.get("since_consolidation", zero).clone()
+        self.since_refit = t.get("since_refit", self.since_refit).clone()
         if "rng_state" in t:
             self.rng.set_state(t["rng_state"].clone())
         else:
@@ -399,7 +437,8 @@ class ModelState:
     def snapshot(self) -> dict[str, Any]:
         """A deep copy to roll back to (tensors plus id maps)."""
         return {
-            "tensors": {k: v.clone() for k, v in self.tensors().items()},
+            "tensors": {k: v.clone() for k, v in self.tensors().items()
+                        if k not in self.LOG_TABLES},
             "users": list(self.users.ids), "items": list(self.items.ids),
             "proj_fitted": self.proj_fitted,
         }  # fmt: skip
@@ -491,4 +530,11 @@ def load_state(directory: str | Path) -> tuple[ModelState, dict[str, Any]]:
     state.proj_fitted = bool(meta["proj_fitted"])
     if len(state.users) != state.user_rows.n or len(state.items) != state.item_rows.n:
         raise ValueError(f"{folder}: id maps and tables disagree in size")
+    lu, li, lr = state.logged(state.log_users.n)
+    if not (
+        len(lu) == len(li) == len(lr)
+        and (len(lu) == 0 or (0 <= int(lu.min()) and int(lu.max()) < len(state.users)
+                              and 0 <= int(li.min()) and int(li.max()) < len(state.items)))
+    ):  # fmt: skip
+        raise ValueError(f"{folder}: the event log does not fit the tables")
     return state, meta["config"]

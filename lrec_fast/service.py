@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import consolidation, kernels, online, ranking
-from .consolidation import ConsolidationReport
+from .consolidation import ConsolidationReport, RefitReport
 from .kernels.reference import SCALE_ITEM, SCALE_USER, SCALE_USER_BIAS
 from .model import Id, ModelState, load_state, save_state
 from .online import FitReport, LearnerConfig
@@ -298,6 +298,7 @@ class Recommender:
                 self.state.restore(snap)
                 raise
             self.state.seen.add(ui.tolist(), ii.tolist())
+            self.state.log((ui, ii, r), self.config.refit_log_size)
             log.info("fit: %d epochs, best %d", report.epochs, report.best_epoch)
             return report
 
@@ -367,9 +368,13 @@ class Recommender:
             online.reservoir_add(st, ui, ii, r, hist, cfg)
             st.remember((ui, ii, r, hist), cfg.consolidate_window)
             st.since_consolidation += n
+            st.log((ui, ii, r), cfg.refit_log_size)
+            st.since_refit += n
             self.state.seen.add(ui.tolist(), ii.tolist())
             if 0 < cfg.consolidate_every <= int(st.since_consolidation):
                 self.consolidate()
+            if 0 < cfg.refit_every <= int(st.since_refit):
+                self.refit()
             return loss
 
     def consolidate(self) -> ConsolidationReport:
@@ -399,6 +404,28 @@ class Recommender:
             return report
 
     # -- answering ---------------------------------------------------------------------------
+    def refit(self) -> RefitReport:
+        """Refit the rating head now: ``refit_epochs`` shuffled passes over the event log (the
+        newest ``refit_log_size`` events learned from, warm-up included; checkpoints keep it)
+        at the warm-up fit's learning rate and decay, then the text projection refitted
+        (``lrec_fast.consolidation.refit``). Runs under the lock; all or nothing on an
+        unexpected error. Its cost is linear in the log (about 0.45 s per 100,000 events on
+        the 2-core CPU machine, README)."""
+        with self._lock:
+            st = self.state
+            u, i, r = st.logged(self.config.refit_log_size)  # views: nothing appends meanwhile
+            snap = st.snapshot()
+            try:
+                st.since_refit.zero_()
+                report = consolidation.refit(st, u, i, r, self.config, self.backend,
+                                             self.rating_range)  # fmt: skip
+                self._refresh_text_priors()
+            except BaseException:
+                st.restore(snap)
+                raise
+            log.info("refit: %s", report)
+            return report
+
     def _queries(self, user_ids: list[Id]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """TRUE user rows [B, d] and biases [B]; unknown users get the mean known user."""
         st = self.state
@@ -559,6 +586,7 @@ class Recommender:
         learner = dict(cfg["learner"])
         # written before the user gain existed: it learned at one rate, and goes on so
         learner.setdefault("user_gain", 1.0)
+        learner.setdefault("refit_every", 0)  # ... and before the refit: none, as it was
         lr, wd = learner.pop("lr"), learner.pop("weight_decay")
         rec = cls(state.dim, lr, wd, backend, encoder=cfg["encoder"],
                   rating_range=tuple(cfg["rating_range"]), cache_dir=cache_dir,
