@@ -112,6 +112,19 @@ def test_sorted_and_malformed_csr_exclusions(backend, rng, b):
             kernels.score_topk(q, table, 3, exclude=(torch.tensor(bad), idx), backend=backend)
 
 
+@pytest.mark.parametrize("b", [1, 5])
+def test_exclusion_rows_sorted_or_not_give_one_csr(rng, b):
+    """Rows already ascending and non-negative (the facade's) skip the sort; unsorted ones,
+    duplicates and negative indices are sorted and cleaned: the same CSR either way."""
+    cpu = pytest.importorskip("lrec_fast.kernels.cpu")
+    rows = [rng.integers(-2, 50, rng.integers(0, 30)) for _ in range(b)]
+    clean = [np.sort(r[r >= 0]) for r in rows]
+    for given in (rows, clean):
+        ptr, idx = cpu.exclusion_csr([r.tolist() for r in given], b)
+        assert ptr.tolist() == np.concatenate([[0], np.cumsum([len(r) for r in clean])]).tolist()
+        assert idx.tolist() == np.concatenate(clean).tolist()
+
+
 def test_extreme_values_and_empty_inputs(backend):
     q = torch.tensor([[1e30, 1.0], [0.0, 0.0], [1.0, -1.0]])
     v = torch.tensor([[1e30, 0.0], [-1e30, 0.0], [1.0, 1.0], [float("inf"), 0.0], [2.0, -2.0]])
