@@ -27,9 +27,10 @@ Slower still (every ``refit_every`` events, or ``Recommender.refit()``), ``refit
 ``refit_log_size`` events learned from) at the warm-up fit's learning rate and decay, user
 gain 1, in mini-batches of ``batch_size``: the stream's single time-ordered pass, with its
 user gain, learns fast and drifts; a shuffled pass over everything pulls the rows back toward
-what all the data says (less forgetting, better stream RMSE too). A divergent mini-batch is
-rejected and changes nothing; there is no validation share that no step has seen, so the pass
-count is a setting (picked on the warm-up, ``LearnerConfig``), not early-stopped.
+what all the data says (less forgetting, better stream RMSE too). The guard rail checks each
+pass whole, not each mini-batch (8x cheaper: the kernel step is 1/8 of a guarded one); a pass
+that diverges rolls the refit back. There is no validation share that no step has seen, so
+the pass count is a setting (picked on the warm-up, ``LearnerConfig``), not early-stopped.
 """
 
 from __future__ import annotations
@@ -174,12 +175,13 @@ def consolidate(
 
 @dataclass
 class RefitReport:
-    """What one refit did: events in the log it passed over, passes, mini-batch steps the
-    guard rails refused, and the log's RMSE (clipped predictions) before and after."""
+    """What one refit did: events in the log it passed over, passes made, whether a pass
+    diverged and the refit was rolled back whole, and the log's RMSE (clipped predictions)
+    before and after (the same when rolled back)."""
 
     events: int = 0
     epochs: int = 0
-    rejected: int = 0
+    rolled_back: bool = False
     rmse_before: float = math.nan
     rmse_after: float = math.nan
     seconds: float = 0.0
@@ -190,21 +192,31 @@ def refit(
     cfg: LearnerConfig, backend: str, clip: tuple[float, float] | None = None,
 ) -> RefitReport:  # fmt: skip
     """Shuffled passes of the rating head over logged events (row indices [n], ratings [n]);
-    see the module doc. In place; returns the report."""
+    see the module doc. The steps are the kernel's alone; the guard rail checks each pass
+    whole (every rating table and mu finite, the log's loss after it at most explode_ratio x
+    the loss before the refit or the squared width of the range): a pass that fails it rolls
+    the refit back to the weights before it. In place; returns the report."""
     t0 = time.perf_counter()
     n = users.numel()
     report = RefitReport(events=n)
     if n == 0 or cfg.refit_epochs == 0:
         return report
     lr, wd = online.fit_rates(cfg)
-    max_loss = (clip[1] - clip[0]) ** 2 if clip is not None else math.inf
+    limit = max(cfg.explode_ratio * online.mse(state, users, items, ratings),
+                (clip[1] - clip[0]) ** 2 if clip is not None else math.inf)  # fmt: skip
     report.rmse_before = online.rmse(state, users, items, ratings, clip)
+    before = _save(state, RATING_TABLES)
     rng = np.random.default_rng([cfg.seed, int(state.replay_seen), 3])
     for epoch in range(1, cfg.refit_epochs + 1):
         order = torch.from_numpy(rng.permutation(n))
-        report.rejected += online.shuffled_pass(state, users, items, ratings, order, lr, wd,
-                                                cfg, backend, max_loss)  # fmt: skip
+        online.unguarded_pass(state, users, items, ratings, order, lr, wd, cfg, backend)
         report.epochs = epoch
+        loss = online.mse(state, users, items, ratings)
+        sound = all(bool(torch.isfinite(getattr(state, k).t).all()) for k in RATING_TABLES)
+        if not (sound and math.isfinite(float(state.mu)) and loss <= limit):
+            _load(state, before)
+            report.rolled_back = True
+            break
     report.rmse_after = online.rmse(state, users, items, ratings, clip)
     report.seconds = time.perf_counter() - t0
     return report

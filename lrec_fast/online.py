@@ -379,6 +379,22 @@ def shuffled_pass(
     return rejected
 
 
+def unguarded_pass(
+    state: ModelState, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
+    order: torch.Tensor, lr: float, wd: float, cfg: LearnerConfig, backend: str,
+) -> None:  # fmt: skip
+    """``shuffled_pass`` without the per-step guard (the caller checks the pass whole): the
+    fused kernel step and the scale fold only."""
+    for s in range(0, order.numel(), cfg.batch_size):
+        b = order[s : s + cfg.batch_size]
+        kernels.mf_sgd_step(
+            state.user_rows.t, state.item_rows.t, state.user_bias.t, state.item_bias.t,
+            state.scales, state.mu, users[b], items[b], ratings[b],
+            effective_lr(lr, b.numel(), cfg), wd, cfg.learn_mu, backend=backend,
+        )  # fmt: skip
+        state.fold_scales(cfg.fold_threshold)
+
+
 def fit(
     state: ModelState,
     users: torch.Tensor,

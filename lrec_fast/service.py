@@ -409,7 +409,7 @@ class Recommender:
         newest ``refit_log_size`` events learned from, warm-up included; checkpoints keep it)
         at the warm-up fit's learning rate and decay, then the text projection refitted
         (``lrec_fast.consolidation.refit``). Runs under the lock; all or nothing on an
-        unexpected error. Its cost is linear in the log (about 0.45 s per 100,000 events on
+        unexpected error. Its cost is linear in the log (about 0.12 s per 100,000 events on
         the 2-core CPU machine, README)."""
         with self._lock:
             st = self.state

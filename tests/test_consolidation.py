@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrec_fast import Recommender, consolidation, online, ranking
+from lrec_fast import Recommender, consolidation, kernels, online, ranking
 from lrec_fast.consolidation import RANKING_TABLES, RATING_TABLES
 
 from .conftest import assert_same_bits, state_bits
@@ -88,12 +88,19 @@ def test_window_holds_the_newest_events_only(stream):
     assert rec.consolidate().events == 250
 
 
+SLOW_SCALES = {  # each every 300 events: on both sides of the cuts below
+    "consolidation": dict(consolidate_every=300, consolidate_window=250, consolidate_epochs=2),
+    "refit": dict(refit_every=300, refit_log_size=800, consolidate_every=0),
+}
+
+
+@pytest.mark.parametrize("slow", list(SLOW_SCALES))
 @pytest.mark.parametrize("cut", [200, 700])
-def test_a_reloaded_model_continues_exactly(stream, tmp_path, cut):
-    """Saved mid-stream and loaded, a model keeps its consolidation window, cadence and
-    random state: it then learns bit for bit what the uninterrupted one learns (consolidation
-    every 300 events falls on both sides of the cut; negatives are sampled, 16 of 80 items)."""
-    kw = dict(consolidate_every=300, consolidate_window=250, consolidate_epochs=2, negatives=16)
+def test_a_reloaded_model_continues_exactly(stream, tmp_path, cut, slow):
+    """Saved mid-stream and loaded, a model keeps its consolidation window, event log, their
+    cadences and its random state: it then learns bit for bit what the uninterrupted one
+    learns (negatives are sampled, 16 of 80 items)."""
+    kw = SLOW_SCALES[slow] | {"negatives": 16}
     whole = streamed(stream, n=900, **kw)
     first = streamed(stream, n=cut, **kw)
     first.save(tmp_path / "ck")
@@ -105,10 +112,11 @@ def test_a_reloaded_model_continues_exactly(stream, tmp_path, cut):
     assert_same_bits(state_bits(whole), state_bits(again))
 
 
-def test_nothing_to_consolidate_changes_nothing():
+@pytest.mark.parametrize("slow", ["consolidate", "refit"])
+def test_nothing_to_learn_from_changes_nothing(slow):
     rec = Recommender(dim=4, encoder="hashing-64")
     bits = state_bits(rec)
-    report = rec.consolidate()
+    report = getattr(rec, slow)()
     assert report.events == 0 and report.epochs == 0
     assert_same_bits(state_bits(rec), bits)
 
@@ -127,11 +135,10 @@ def test_cadence_runs_it_from_feedback(stream, monkeypatch):
     assert calls == [300, 300]
 
 
-def test_an_unexpected_error_leaves_the_model_as_it_was(stream, monkeypatch):
-    rec = streamed(stream, n=300, consolidate_window=300)
-    bits = state_bits(rec)
-    calls = []
-    real = ranking.step
+def fail_on_third_call(monkeypatch, owner: object, name: str) -> None:
+    """Make ``owner.name`` raise RuntimeError("boom") on its third call (an unexpected error
+    halfway through)."""
+    real, calls = getattr(owner, name), []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -139,9 +146,19 @@ def test_an_unexpected_error_leaves_the_model_as_it_was(stream, monkeypatch):
             raise RuntimeError("boom")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ranking, "step", failing)
+    monkeypatch.setattr(owner, name, failing)
+
+
+@pytest.mark.parametrize("slow", ["consolidate", "refit"])
+def test_an_unexpected_error_leaves_the_model_as_it_was(stream, monkeypatch, slow):
+    rec = streamed(stream, n=300, consolidate_window=300, refit_every=0)
+    bits = state_bits(rec)
+    if slow == "consolidate":
+        fail_on_third_call(monkeypatch, ranking, "step")
+    else:
+        fail_on_third_call(monkeypatch, kernels, "mf_sgd_step")
     with pytest.raises(RuntimeError, match="boom"):
-        rec.consolidate()
+        getattr(rec, slow)()
     assert_same_bits(state_bits(rec), bits)
 
 
