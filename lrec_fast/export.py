@@ -304,6 +304,7 @@ class Deployment:
         import torch
 
         from .ranking import cold_users, reranks
+        from .ranking import rerank as rerank_by
         from .service import NO_ITEMS, _as_ids, check_k, external_ids, served_topk
 
         ids = _as_ids(user_ids, "user_ids")
@@ -319,8 +320,12 @@ class Deployment:
                      torch.from_numpy(self.item_rank_bias_cold))  # fmt: skip
             rerank = None
             if reranks(self.rank_by, self.rerank_weight, self.rerank_depth):
-                rerank = (lambda pos: self._rating([idx[p] for p in pos]), self.rerank_weight,
-                          self.rerank_depth)  # fmt: skip
+
+                def reorder(s: torch.Tensor, t: torch.Tensor, pos: list[int]) -> Any:
+                    rating = self._rating([idx[p] for p in pos])
+                    return rerank_by(s, t, rating, self.rerank_weight, self.rerank_depth)[:2]
+
+                rerank = (reorder, self.rerank_depth)
             scores, top = served_topk(
                 torch.from_numpy(q), torch.from_numpy(self.rank_rows), int(k), terms, cold, seen,
                 torch.from_numpy(offset), rerank,

@@ -98,27 +98,30 @@ def ranked_topk(
     return out_s, out_i
 
 
+Reorder = Callable[[torch.Tensor, torch.Tensor, list[int]], tuple[torch.Tensor, torch.Tensor]]
+
+
 def served_topk(
     q: torch.Tensor, rows: torch.Tensor, k: int, item_terms: tuple[torch.Tensor, torch.Tensor],
     cold: torch.Tensor, exclude: Sequence[np.ndarray], offset: torch.Tensor,
-    rerank: tuple[Callable[[list[int]], Callable[[torch.Tensor], torch.Tensor]], float, int]
-    | None, backend: str | None = None, **kw: Any,
+    rerank: tuple[Reorder, int] | None, backend: str | None = None, **kw: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """What ``recommend`` returns, as row indices: ``ranked_topk`` plus the per-query
-    ``offset`` [B], then, where ``rerank`` = (rating_for, weight, depth) is given, the warm
-    queries' (``~cold``) first ``depth`` candidates re-ranked (``ranking.rerank``; the kernel
-    keeps max(k, depth) for them); ``rating_for(query positions)`` gives their rating
-    function. Returns (scores float32 [B, k], rows int64 [B, k])."""
+    ``offset`` [B], then, where ``rerank`` = (reorder, depth) is given, the warm queries'
+    (``~cold``) first ``depth`` candidates re-ranked: ``reorder(scores, top, query
+    positions)`` is ``reference.rerank`` with their users' ratings (the kernel keeps
+    max(k, depth) for them). Returns (scores float32 [B, k], rows int64 [B, k])."""
     warm = torch.nonzero(~cold).flatten() if rerank is not None else None
     if warm is None or warm.numel() == 0:
         scores, top = ranked_topk(q, rows, k, item_terms, cold, exclude, backend, **kw)
         return scores + offset[:, None], top
-    rating_for, weight, depth = rerank  # type: ignore[misc]
+    reorder, depth = rerank  # type: ignore[misc]
     scores, top = ranked_topk(q, rows, max(k, depth), item_terms, cold, exclude, backend, **kw)
     scores = scores + offset[:, None]
-    scores[warm], top[warm], _ = ranking.rerank(scores[warm], top[warm],
-                                                rating_for(warm.tolist()), weight,
-                                                depth)  # fmt: skip
+    if warm.numel() == q.shape[0]:  # every query warm: no gather, no scatter
+        scores, top = reorder(scores, top, warm.tolist())
+    else:
+        scores[warm], top[warm] = reorder(scores[warm], top[warm], warm.tolist())
     return scores[:, :k], top[:, :k]
 
 
@@ -531,19 +534,24 @@ class Recommender:
                                       item_scale=scale)  # fmt: skip
             return external_ids(top, st.items.array()), scores.numpy().astype(np.float32)
 
-    def _rerank(
-        self, idx: list[int]
-    ) -> tuple[Callable[[list[int]], Callable[[torch.Tensor], torch.Tensor]], float, int] | None:
-        """``served_topk``'s re-rank for queries of user rows ``idx``, or None when off."""
-        cfg = self.config
+    def _rerank(self, idx: list[int]) -> tuple[Reorder, int] | None:
+        """``served_topk``'s re-rank for queries of user rows ``idx`` (``kernels.rerank_mf``
+        on the model's backend), or None when off."""
+        cfg, st = self.config, self.state
         if not ranking.reranks(cfg.rank_by, cfg.rerank_weight, cfg.rerank_depth):
             return None
 
-        def rating_for(pos: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def reorder(
+            scores: torch.Tensor, top: torch.Tensor, pos: list[int]
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             users = torch.tensor([idx[p] for p in pos], dtype=torch.int64)
-            return ranking.rating_of(self.state, users)
+            s, t, _ = kernels.rerank_mf(scores, top, users, st.user_rows.t, st.item_rows.t,
+                                        st.user_bias.t, st.item_bias.t, st.scales, st.mu,
+                                        cfg.rerank_weight, cfg.rerank_depth,
+                                        backend=self.backend)  # fmt: skip
+            return s, t
 
-        return rating_for, cfg.rerank_weight, cfg.rerank_depth
+        return reorder, cfg.rerank_depth
 
     def predict(
         self, user_ids: Sequence[Id] | np.ndarray, item_ids: Sequence[Id] | np.ndarray

@@ -388,3 +388,71 @@ def test_int8_prefilter_keeps_the_exact_scans_results(rng, monkeypatch, trial):
             want = cpu.score_topk(q, table, k, **kw)
         torch.testing.assert_close(got[0], want[0], rtol=0, atol=0, equal_nan=True)
         torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+
+
+def rerank_case(rng, b: int, m: int, n_items: int, integer: bool):
+    """Candidate lists [b, m] (best first, -1 padding at the end of some rows) with scores,
+    and a rating model: integer-valued (exact in float32: ties are real) or random."""
+    d, n_users = 8, 5
+    draw = (lambda *s: rng.integers(-2, 3, s).astype(np.float32)) if integer else (
+        lambda *s: rng.standard_normal(s).astype(np.float32))  # fmt: skip
+    tables = [torch.from_numpy(draw(n_users, d)), torch.from_numpy(draw(n_items, d)),
+              torch.from_numpy(draw(n_users)), torch.from_numpy(draw(n_items))]  # fmt: skip
+    scales = torch.tensor([1.0, 0.5, 2.0, 1.0] if integer else rng.uniform(0.5, 2, 4).tolist(),
+                          dtype=torch.float64)  # fmt: skip
+    mu = torch.tensor([3.0 if integer else 3.3], dtype=torch.float64)
+    top = torch.from_numpy(
+        np.array([rng.permutation(n_items)[:m] for _ in range(b)], dtype=np.int64).reshape(b, m)
+    )
+    scores = torch.from_numpy(-np.sort(-draw(b, m), axis=1))
+    for r in range(0, b, 3):  # padding in every third row
+        cut = int(rng.integers(0, m + 1))
+        top[r, cut:], scores[r, cut:] = -1, -torch.inf
+    users = torch.from_numpy(rng.integers(0, n_users, b))
+    return scores, top, users, tables, scales, mu
+
+
+def test_reference_rerank_is_the_documented_order(rng):
+    """reference.rerank_mf against a brute force: blended = score + w * rating, sorted by
+    (blended desc, item row asc), padding last; the rest shifted to stay below."""
+    scores, top, users, tables, scales, mu = rerank_case(rng, 7, 12, 40, integer=True)
+    w, depth = 2.0, 8
+    got_s, got_t, shift = ref.rerank_mf(scores, top, users, *tables, scales, mu, w, depth)
+    for b in range(7):
+        cand = [j for j in top[b, :depth].tolist() if j >= 0]
+        u = int(users[b])
+        rating = {j: float(ref.predict(*tables, scales, mu, torch.tensor([u]), torch.tensor([j])))
+                  for j in cand}  # fmt: skip
+        blended = {j: float(scores[b, c]) + w * rating[j] for c, j in enumerate(cand)}
+        want = sorted(cand, key=lambda j: (-blended[j], j))
+        assert got_t[b, : len(want)].tolist() == want
+        assert got_t[b, len(want) : depth].tolist() == [-1] * (depth - len(want))
+        assert got_s[b, : len(want)].tolist() == pytest.approx([blended[j] for j in want])
+        assert got_t[b, depth:].tolist() == top[b, depth:].tolist()
+        if cand and int(top[b, depth]) >= 0:  # lowered only as far as needed: 1 below
+            nxt, low = float(scores[b, depth]), min(blended.values())
+            assert float(got_s[b, depth]) == pytest.approx(min(nxt, low - 1.0))
+            assert float(shift[b]) == pytest.approx(max(0.0, nxt - low + 1.0))
+        else:
+            assert float(shift[b]) == 0.0
+
+
+@pytest.mark.parametrize(("b", "m", "depth", "integer"),
+                         [(1, 30, 30, True), (9, 40, 30, True), (9, 40, 7, False),
+                          (4, 10, 30, False), (0, 30, 30, True)])  # fmt: skip
+def test_rerank_mf_matches_reference(backend, rng, b, m, depth, integer):
+    scores, top, users, tables, scales, mu = rerank_case(rng, b, m, 60, integer)
+    before = (scores.clone(), top.clone())
+    for w in (0.0, 2.0):
+        want = ref.rerank_mf(scores, top, users, *tables, scales, mu, w, depth)
+        got = kernels.rerank_mf(scores, top, users, *tables, scales, mu, w, depth,
+                                backend=backend)  # fmt: skip
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)
+        if integer:  # exact arithmetic: the same values and order, ties by item row included
+            assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+            assert torch.equal(got[1], want[1])
+        else:  # the dot products sum in another order: near-ties within rounding may swap
+            for g, t in zip(got[1].tolist(), want[1].tolist(), strict=True):
+                assert sorted(g[:depth]) == sorted(t[:depth]) and g[depth:] == t[depth:]
+    assert torch.equal(scores, before[0]) and torch.equal(top, before[1])  # inputs untouched

@@ -71,6 +71,7 @@ def _load(name: str) -> Backend:
             # the ranking head's step is three GEMMs and row-wise updates: torch's own kernels
             advance_histories=reference.advance_histories,
             softmax_step=reference.softmax_step,
+            rerank_mf=reference.rerank_mf,  # 30 candidates per query: no kernel launch pays
         ))  # fmt: skip
     raise BackendUnavailable(f"unknown backend {name!r}; choose from {', '.join(PRIORITY)}")
 
@@ -123,6 +124,13 @@ def softmax_step(*args, backend: str | None = None, **kwargs):  # type: ignore[n
     return resolve_backend(backend, args[0].device).module.softmax_step(*args, **kwargs)
 
 
+def rerank_mf(scores, top, users, user_rows, *args, backend=None, **kwargs):  # type: ignore[no-untyped-def]
+    """Dispatching re-rank of ``recommend``'s candidates by the predicted rating; see
+    ``reference.rerank_mf`` (and ``reference.rerank``) for the exact semantics."""
+    impl = resolve_backend(backend, user_rows.device).module
+    return impl.rerank_mf(scores, top, users, user_rows, *args, **kwargs)
+
+
 __all__ = [
     "PRIORITY",
     "Backend",
@@ -132,6 +140,7 @@ __all__ = [
     "mf_adagrad_step",
     "mf_sgd_step",
     "reference",
+    "rerank_mf",
     "resolve_backend",
     "score_topk",
     "softmax_step",

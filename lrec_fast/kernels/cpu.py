@@ -519,6 +519,91 @@ def score_topk(
 
 
 # ---------------------------------------------------------------------------------------------
+# the re-rank of recommend's head candidates by the predicted rating
+
+
+@njit(inline="always")
+def _goes_before(bl: np.ndarray, cand: np.ndarray, x: int, y: int) -> bool:
+    """Whether candidate x sorts before y: items before padding (-1), then the blended score
+    descending, then the lower item row."""
+    if cand[y] < 0:
+        return cand[x] >= 0
+    if cand[x] < 0:
+        return False
+    return bl[x] > bl[y] or (bl[x] == bl[y] and cand[x] < cand[y])
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _rerank_rows(
+    scores: np.ndarray, top: np.ndarray, users: np.ndarray, urows: np.ndarray,
+    irows: np.ndarray, ubias: np.ndarray, ibias: np.ndarray, s_dot: np.float32,
+    s_bu: np.float32, s_bv: np.float32, mu: np.float32, weight: np.float32, depth: int,
+    shift: np.ndarray,
+) -> None:  # fmt: skip
+    """``reference.rerank_mf`` in place on scores [B, m] / top [B, m]: per query, the blended
+    score of its first ``depth`` candidates (one dot product each), an insertion sort of
+    them (depth is small: 30 by default), and the shift of the rest."""
+    nb, m = top.shape
+    d = urows.shape[1]
+    bl = np.empty(depth, np.float32)
+    cand = np.empty(depth, np.int64)
+    order = np.empty(depth, np.int64)
+    for b in range(nb):
+        u = users[b]
+        low = np.float32(np.inf)
+        any_valid = False
+        for c in range(depth):
+            j = top[b, c]
+            cand[c] = j
+            order[c] = c
+            if j < 0:
+                bl[c] = -np.inf
+                continue
+            acc = np.float32(0.0)
+            for t in range(d):
+                acc += urows[u, t] * irows[j, t]
+            pred = (mu + ubias[u] * s_bu + ibias[j] * s_bv) + acc * s_dot
+            bl[c] = scores[b, c] + weight * pred
+            low = min(low, bl[c])
+            any_valid = True
+        for c in range(1, depth):
+            p = c
+            while p > 0 and _goes_before(bl, cand, order[p], order[p - 1]):
+                order[p], order[p - 1] = order[p - 1], order[p]
+                p -= 1
+        for c in range(depth):
+            scores[b, c] = bl[order[c]]
+            top[b, c] = cand[order[c]]
+        if m > depth and any_valid and top[b, depth] >= 0:
+            gap = (scores[b, depth] - low) + np.float32(1.0)
+            if gap > 0:
+                shift[b] = gap
+                for c in range(depth, m):
+                    scores[b, c] -= gap
+
+
+def rerank_mf(
+    scores: torch.Tensor, top: torch.Tensor, users: torch.Tensor, user_rows: torch.Tensor,
+    item_rows: torch.Tensor, user_bias: torch.Tensor, item_bias: torch.Tensor,
+    scales: torch.Tensor, mu: torch.Tensor, weight: float, depth: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``reference.rerank_mf`` in one compiled pass (no per-call torch sorts or gathers)."""
+    depth = min(depth, top.shape[1])
+    shift = torch.zeros(top.shape[0])
+    if weight == 0 or depth == 0 or top.shape[0] == 0:
+        return scores, top, shift
+    out_s = scores.detach().float().numpy().copy()
+    out_t = top.numpy().astype(np.int64, copy=True)
+    sc = scales.tolist()
+    _rerank_rows(out_s, out_t, users.numpy().astype(np.int64, copy=False), _f32(user_rows),
+                 _f32(item_rows), _f32(user_bias), _f32(item_bias),
+                 np.float32(sc[SCALE_USER] * sc[SCALE_ITEM]), np.float32(sc[SCALE_USER_BIAS]),
+                 np.float32(sc[SCALE_ITEM_BIAS]), np.float32(float(mu)), np.float32(weight),
+                 depth, shift.numpy())  # fmt: skip
+    return torch.from_numpy(out_s), torch.from_numpy(out_t), shift
+
+
+# ---------------------------------------------------------------------------------------------
 # the fused update
 
 

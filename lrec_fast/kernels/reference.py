@@ -465,3 +465,55 @@ def softmax_step(
                      (tgt_bias, cand), (tgt_bias_acc, cand))
     )  # fmt: skip
     return float(loss.detach()), finite
+
+
+def rerank(
+    scores: torch.Tensor, top: torch.Tensor, rating: Callable[[torch.Tensor], torch.Tensor],
+    weight: float, depth: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Re-order each query's first ``depth`` candidates (``top``: item rows [B, m], best
+    first, -1 = padding; ``scores`` float32 [B, m]) by ranking score + ``weight`` x predicted
+    rating (``rating``: item rows [B, depth] -> float32 [B, depth], the query's user), ties by
+    the lower item row, padding last; their scores become those sums (``LearnerConfig``'s
+    rerank_weight and rerank_depth). The candidates after them keep their order, their scores
+    lowered by ``shift`` so that they stay below. Returns new tensors (scores, top, shift
+    float32 [B] >= 0)."""
+    depth = min(depth, top.shape[1])
+    shift = torch.zeros(top.shape[0])
+    if weight == 0 or depth == 0 or top.shape[0] == 0:
+        return scores, top, shift
+    cand = top[:, :depth]
+    valid = cand >= 0
+    blended = scores[:, :depth] + weight * rating(cand.clamp_min(0))
+    blended = torch.where(valid, blended, torch.tensor(-torch.inf))
+    tie = torch.where(valid, cand, torch.iinfo(torch.int64).max)  # padding after every item
+    by_row = torch.sort(tie, dim=1, stable=True).indices  # ties by the lower item row ...
+    by_score = torch.sort(blended.gather(1, by_row), dim=1, descending=True, stable=True)
+    order = by_row.gather(1, by_score.indices)  # ... then by the blended score
+    scores, top = scores.clone(), top.clone()
+    scores[:, :depth] = blended.gather(1, order)
+    top[:, :depth] = cand.gather(1, order)
+    if top.shape[1] > depth:  # the best of the rest goes 1 below the worst re-ranked
+        low = torch.where(valid, blended, torch.tensor(torch.inf)).min(1).values
+        nxt = scores[:, depth]
+        gap = torch.where((top[:, depth] >= 0) & valid.any(1), nxt - low + 1.0, 0.0)
+        shift = gap.clamp_min(0.0)
+        scores[:, depth:] -= shift[:, None]
+    return scores, top, shift
+
+
+def rerank_mf(
+    scores: torch.Tensor, top: torch.Tensor, users: torch.Tensor, user_rows: torch.Tensor,
+    item_rows: torch.Tensor, user_bias: torch.Tensor, item_bias: torch.Tensor,
+    scales: torch.Tensor, mu: torch.Tensor, weight: float, depth: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``rerank`` with the biased factorisation's predicted rating (``predict``) of query b's
+    user row ``users[b]`` (int64 [B]): what ``recommend`` re-ranks with. Returns new tensors
+    (scores, top, shift)."""
+
+    def rating(items: torch.Tensor) -> torch.Tensor:
+        flat_users = users[:, None].expand_as(items).reshape(-1)
+        return predict(user_rows, item_rows, user_bias, item_bias, scales, mu, flat_users,
+                       items.reshape(-1)).view(items.shape)  # fmt: skip
+
+    return rerank(scores, top, rating, weight, depth)
