@@ -90,22 +90,8 @@ def reranks(rank_by: str, weight: float, depth: int) -> bool:
     return rank_by == "softmax" and weight > 0 and depth > 0
 
 
-def rating_of(state: ModelState, users: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The rating model's predictions for known user rows [B], as ``rerank`` takes them."""
-
-    def rating(items: torch.Tensor) -> torch.Tensor:
-        return kernels.reference.predict(
-            state.user_rows.t, state.item_rows.t, state.user_bias.t, state.item_bias.t,
-            state.scales, state.mu, users[:, None].expand_as(items).reshape(-1),
-            items.reshape(-1),
-        ).view(items.shape)  # fmt: skip
-
-    return rating
-
-
-rerank = (
-    kernels.reference.rerank
-)  # the generic re-rank (a rating callable); kernels.rerank_mf fuses it
+# the generic re-rank (any rating function: the ONNX deployment's); kernels.rerank_mf fuses it
+rerank = kernels.reference.rerank
 
 
 PROPOSAL_REFRESH = 1_000  # ranking steps between rebuilds of the sampling proposal

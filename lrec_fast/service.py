@@ -507,9 +507,8 @@ class Recommender:
         # a stable sort: ties to the lower item row, the kernels' candidates exactly
         top_s, top = torch.sort(rows, dim=1, descending=True, stable=True)
         top = torch.where(top_s > -torch.inf, top, -1)
+        new_s, new_top, shift = self._reordered(top_s, top, users)
         cfg = self.config
-        new_s, new_top, shift = ranking.rerank(top_s, top, ranking.rating_of(st, users),
-                                               cfg.rerank_weight, cfg.rerank_depth)  # fmt: skip
         depth = min(cfg.rerank_depth, out.shape[1])
         for a, r in enumerate(sel.tolist()):
             out[r] -= shift[a]
@@ -537,7 +536,7 @@ class Recommender:
     def _rerank(self, idx: list[int]) -> tuple[Reorder, int] | None:
         """``served_topk``'s re-rank for queries of user rows ``idx`` (``kernels.rerank_mf``
         on the model's backend), or None when off."""
-        cfg, st = self.config, self.state
+        cfg = self.config
         if not ranking.reranks(cfg.rank_by, cfg.rerank_weight, cfg.rerank_depth):
             return None
 
@@ -545,13 +544,20 @@ class Recommender:
             scores: torch.Tensor, top: torch.Tensor, pos: list[int]
         ) -> tuple[torch.Tensor, torch.Tensor]:
             users = torch.tensor([idx[p] for p in pos], dtype=torch.int64)
-            s, t, _ = kernels.rerank_mf(scores, top, users, st.user_rows.t, st.item_rows.t,
-                                        st.user_bias.t, st.item_bias.t, st.scales, st.mu,
-                                        cfg.rerank_weight, cfg.rerank_depth,
-                                        backend=self.backend)  # fmt: skip
-            return s, t
+            return self._reordered(scores, top, users)[:2]
 
         return reorder, cfg.rerank_depth
+
+    def _reordered(
+        self, scores: torch.Tensor, top: torch.Tensor, users: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``kernels.rerank_mf`` of candidates [B, m] for user rows [B] with this model's
+        rating tables and settings: (scores, top, shift)."""
+        st, cfg = self.state, self.config
+        return kernels.rerank_mf(scores, top, users, st.user_rows.t, st.item_rows.t,
+                                 st.user_bias.t, st.item_bias.t, st.scales, st.mu,
+                                 cfg.rerank_weight, cfg.rerank_depth,
+                                 backend=self.backend)  # fmt: skip
 
     def predict(
         self, user_ids: Sequence[Id] | np.ndarray, item_ids: Sequence[Id] | np.ndarray
