@@ -406,7 +406,6 @@ class Recommender:
             log.info("consolidation: %s", report)
             return report
 
-    # -- answering ---------------------------------------------------------------------------
     def refit(self) -> RefitReport:
         """Refit the rating head now: ``refit_epochs`` shuffled passes over the event log (the
         newest ``refit_log_size`` events learned from, warm-up included; checkpoints keep it)
@@ -429,6 +428,7 @@ class Recommender:
             log.info("refit: %s", report)
             return report
 
+    # -- answering ---------------------------------------------------------------------------
     def _queries(self, user_ids: list[Id]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """TRUE user rows [B, d] and biases [B]; unknown users get the mean known user."""
         st = self.state
