@@ -1,7 +1,8 @@
 """End-to-end facade latency at MovieLens scale (1,682 items, 943 users, dim 64): what a service
 calling recommend() and feedback() sees, including validation, id maps and locking. Beside each
 is its floor: bare torch scoring, and the bare update kernel. A service that is not saturated
-calls after idle gaps: those calls are timed too, after 50 ms of sleep each.
+calls after idle gaps: those calls are timed too, after 50 ms of sleep each. The slow time
+scales (refit, consolidation) are timed beside retraining from scratch.
 
     pytest benchmarks/bench_service.py --benchmark-enable
     python -m benchmarks.bench_service     # back to back vs after idle, OpenMP wait policies
@@ -114,6 +115,44 @@ def test_bare_after_idle(benchmark, rec, call):
 
     benchmark.group = f"service {call} after {IDLE_S * 1e3:.0f} ms idle"
     benchmark.pedantic(fn, setup=lambda: time.sleep(IDLE_S), rounds=15, iterations=1)
+
+
+SLOW = "slow time scales, 50,000 logged events"
+
+
+@pytest.fixture(scope="module")
+def slow_rec():
+    return movielens_sized()  # its own model: a refit changes the weights
+
+
+def test_refit(benchmark, slow_rec):
+    """One refit pass over the event log (the fit's 50,000 events), guard and text-prior
+    refresh included, beside what a user would do instead: retrain from scratch."""
+    benchmark.group = SLOW
+    report = benchmark.pedantic(slow_rec.refit, rounds=5, iterations=1)
+    assert report.events == 50_000 and not report.rolled_back
+
+
+def test_consolidate(benchmark, slow_rec):
+    benchmark.group = SLOW
+    benchmark.pedantic(slow_rec.consolidate, rounds=5, iterations=1)
+
+
+def test_retrain_from_scratch(benchmark):
+    """A fresh rating model fitted on the same 50,000 events (early stopping, as the
+    evaluation's retraining baseline), the alternative to a refit."""
+    from lrec_fast.evaluate import RATING_MF
+
+    ds = make_stream(n_users=943, n_items=1682, n_events=50_000, seed=0)
+
+    def retrain() -> Recommender:
+        r = Recommender(encoder="hashing-384", **RATING_MF)
+        r.add_items(ds.item_ids, ds.item_text)
+        r.fit(ds.events.user, ds.events.item, ds.events.rating)
+        return r
+
+    benchmark.group = SLOW
+    benchmark.pedantic(retrain, rounds=2, iterations=1)
 
 
 def _child() -> None:
