@@ -122,7 +122,7 @@ def consolidate(
     pos = ranking.positives(ratings, cfg)
     val = slice(n_tr, n)
     v_pos = pos[val]
-    max_loss = (clip[1] - clip[0]) ** 2 if clip is not None else math.inf
+    max_loss = online.range_loss(clip)
 
     def rating_val() -> float:
         return online.rmse(state, users[val], items[val], ratings[val], clip)
@@ -202,21 +202,19 @@ def refit(
     if n == 0 or cfg.refit_epochs == 0:
         return report
     lr, wd = online.fit_rates(cfg)
-    limit = max(cfg.explode_ratio * online.mse(state, users, items, ratings),
-                (clip[1] - clip[0]) ** 2 if clip is not None else math.inf)  # fmt: skip
-    report.rmse_before = online.rmse(state, users, items, ratings, clip)
+    loss, report.rmse_before = online.mse_and_rmse(state, users, items, ratings, clip)
+    limit = max(cfg.explode_ratio * loss, online.range_loss(clip))
     before = _save(state, RATING_TABLES)
     rng = np.random.default_rng([cfg.seed, int(state.replay_seen), 3])
     for epoch in range(1, cfg.refit_epochs + 1):
         order = torch.from_numpy(rng.permutation(n))
         online.unguarded_pass(state, users, items, ratings, order, lr, wd, cfg, backend)
         report.epochs = epoch
-        loss = online.mse(state, users, items, ratings)
+        loss, report.rmse_after = online.mse_and_rmse(state, users, items, ratings, clip)
         sound = all(bool(torch.isfinite(getattr(state, k).t).all()) for k in RATING_TABLES)
         if not (sound and math.isfinite(float(state.mu)) and loss <= limit):
             _load(state, before)
-            report.rolled_back = True
+            report.rolled_back, report.rmse_after = True, report.rmse_before
             break
-    report.rmse_after = online.rmse(state, users, items, ratings, clip)
     report.seconds = time.perf_counter() - t0
     return report

@@ -303,8 +303,8 @@ class Deployment:
         """As ``Recommender.recommend``: (item ids [B, k], ranking scores float32 [B, k])."""
         import torch
 
+        from .kernels.reference import rerank as rerank_by
         from .ranking import cold_users, reranks
-        from .ranking import rerank as rerank_by
         from .service import NO_ITEMS, _as_ids, check_k, external_ids, served_topk
 
         ids = _as_ids(user_ids, "user_ids")

@@ -331,6 +331,19 @@ def effective_lr(lr: float, n_events: int, cfg: LearnerConfig) -> float:
     return lr * min(1.0, n_events / cfg.lr_batch) if cfg.lr_batch > 0 else lr
 
 
+def _predictions(state: ModelState, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    return reference_predict(
+        state.user_rows.t, state.item_rows.t, state.user_bias.t, state.item_bias.t,
+        state.scales, state.mu, users, items,
+    )  # fmt: skip
+
+
+def _mean_sq(p: torch.Tensor, ratings: torch.Tensor, clip: tuple[float, float] | None) -> float:
+    if clip is not None:
+        p = p.clamp(*clip)
+    return float(((p.double() - ratings.double()) ** 2).mean())
+
+
 def mse(
     state: ModelState,
     users: torch.Tensor,
@@ -339,13 +352,23 @@ def mse(
     clip: tuple[float, float] | None = None,
 ) -> float:
     """Mean squared error of the current predictions on the events (optionally clipped)."""
-    p = reference_predict(
-        state.user_rows.t, state.item_rows.t, state.user_bias.t, state.item_bias.t,
-        state.scales, state.mu, users, items,
-    )  # fmt: skip
-    if clip is not None:
-        p = p.clamp(*clip)
-    return float(((p.double() - ratings.double()) ** 2).mean())
+    return _mean_sq(_predictions(state, users, items), ratings, clip)
+
+
+def range_loss(clip: tuple[float, float] | None) -> float:
+    """The squared width of the rating range (inf without one): no clipped prediction can be
+    further off, so a loss above it is one of the guard rails' signs of divergence."""
+    return (clip[1] - clip[0]) ** 2 if clip is not None else math.inf
+
+
+def mse_and_rmse(
+    state: ModelState, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
+    clip: tuple[float, float] | None,
+) -> tuple[float, float]:  # fmt: skip
+    """One prediction pass over the events: (the MSE of the raw predictions, the RMSE of the
+    clipped ones), as ``mse`` and ``rmse`` would give them."""
+    p = _predictions(state, users, items)
+    return _mean_sq(p, ratings, None), math.sqrt(_mean_sq(p, ratings, clip))
 
 
 def rmse(state: ModelState, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
@@ -361,30 +384,13 @@ def fit_rates(cfg: LearnerConfig) -> tuple[float, float]:
     return lr, wd
 
 
-def shuffled_pass(
-    state: ModelState, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
-    order: torch.Tensor, lr: float, wd: float, cfg: LearnerConfig, backend: str,
-    max_loss: float,
-) -> int:  # fmt: skip
-    """One pass over the events ``order`` picks, in mini-batches of ``cfg.batch_size`` at user
-    gain 1 (the fit's and the refit's epoch). Returns how many steps the guard rails refused
-    (each changed nothing)."""
-    rejected = 0
-    for s in range(0, order.numel(), cfg.batch_size):
-        b = order[s : s + cfg.batch_size]
-        try:
-            step(state, users[b], items[b], ratings[b], lr, wd, cfg, backend, max_loss)
-        except DivergenceError:
-            rejected += 1
-    return rejected
-
-
 def unguarded_pass(
     state: ModelState, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
     order: torch.Tensor, lr: float, wd: float, cfg: LearnerConfig, backend: str,
 ) -> None:  # fmt: skip
-    """``shuffled_pass`` without the per-step guard (the caller checks the pass whole): the
-    fused kernel step and the scale fold only."""
+    """One pass over the events ``order`` picks, in mini-batches of ``cfg.batch_size`` at gain
+    1, without ``step``'s guard (the caller checks the pass whole): the fused kernel step and
+    the scale fold only."""
     for s in range(0, order.numel(), cfg.batch_size):
         b = order[s : s + cfg.batch_size]
         kernels.mf_sgd_step(
@@ -409,7 +415,7 @@ def fit(
     of the best epoch restored. Then one pass of the validation events themselves, so the most
     recent data is learned too."""
     lr, wd = fit_rates(cfg)
-    max_loss = (clip[1] - clip[0]) ** 2 if clip is not None else math.inf
+    max_loss = range_loss(clip)
     n = users.numel()
     n_val = int(n * cfg.validation_fraction) if n >= 20 else 0
     n_tr = n - n_val
@@ -418,8 +424,12 @@ def fit(
     report = FitReport(0, 0, [], [])
     for epoch in range(1, cfg.max_epochs + 1):
         order = torch.from_numpy(rng.permutation(n_tr))
-        report.rejected += shuffled_pass(state, users, items, ratings, order, lr, wd, cfg,
-                                         backend, max_loss)  # fmt: skip
+        for s in range(0, n_tr, cfg.batch_size):
+            b = order[s : s + cfg.batch_size]
+            try:
+                step(state, users[b], items[b], ratings[b], lr, wd, cfg, backend, max_loss)
+            except DivergenceError:
+                report.rejected += 1
         report.epochs = epoch
         report.train_rmse.append(rmse(state, users[:n_tr], items[:n_tr], ratings[:n_tr], clip))
         if n_val == 0:

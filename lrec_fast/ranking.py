@@ -90,10 +90,6 @@ def reranks(rank_by: str, weight: float, depth: int) -> bool:
     return rank_by == "softmax" and weight > 0 and depth > 0
 
 
-# the generic re-rank (any rating function: the ONNX deployment's); kernels.rerank_mf fuses it
-rerank = kernels.reference.rerank
-
-
 PROPOSAL_REFRESH = 1_000  # ranking steps between rebuilds of the sampling proposal
 
 

@@ -341,7 +341,6 @@ class Recommender:
                 recent = st.user_recent.t[touched].clone()
                 undo.append(lambda: st.user_recent.t.index_copy_(0, touched, recent))
                 hist = ranking.histories(st, ui, ii, self.backend, ranking.positives(r, cfg))
-                lo, hi = self.rating_range
                 sq = 0.0
                 for s in range(0, n, chunk):
                     sl = slice(s, s + chunk)
@@ -351,7 +350,7 @@ class Recommender:
                     new_loss = online.mse(st, cu, ci, cr) if ru.numel() else None
                     loss = online.step(st, torch.cat([cu, ru]), torch.cat([ci, ri]),
                                        torch.cat([cr, rr]), cfg.lr, cfg.weight_decay, cfg,
-                                       self.backend, (hi - lo) ** 2, undo,
+                                       self.backend, online.range_loss(self.rating_range), undo,
                                        cfg.user_gain)  # fmt: skip
                     if cfg.rank_by == "softmax":
                         pos = ranking.positives(torch.cat([cr, rr]), cfg)
