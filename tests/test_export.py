@@ -269,12 +269,16 @@ def test_cli_export_reuses_the_encoder(deployed, tmp_path, capsys):
 
 
 def _per_token_reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """The quantised product by its definition (lrec_fast/quantize.py), in float64."""
-    x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
-    lo, hi = np.minimum(x2.min(1), 0), np.maximum(x2.max(1), 0)
-    s = np.maximum((hi - lo) / 255, 1e-8)
+    """The quantised product by its definition (lrec_fast/quantize.py): the activations'
+    range, scale, zero point and levels in float32, as the graph computes them (in float64 a
+    zero point or level can round the other way and move a whole token by one level), the
+    integer product and its rescaling in float64."""
+    x2 = x.reshape(-1, x.shape[-1]).astype(np.float32)
+    lo, hi = np.minimum(x2.min(1), np.float32(0)), np.maximum(x2.max(1), np.float32(0))
+    s = np.maximum((hi - lo) / np.float32(255), np.float32(1e-8))
     z = np.round(-lo / s)
-    xq = np.clip(np.round(x2 / s[:, None]) + z[:, None], 0, 255)
+    xq = np.clip(np.round(x2 / s[:, None]) + z[:, None], 0, 255).astype(np.float64)
+    s, z = s.astype(np.float64), z.astype(np.float64)
     ws = np.maximum(np.abs(w).max(0), 1e-12) / 127
     wq = np.clip(np.round(w / ws), -127, 127)
     y = ((xq - z[:, None]) @ wq) * s[:, None] * ws[None, :]
@@ -318,7 +322,7 @@ def test_per_token_quantiser_against_its_definition(rng):
         x = (rng.standard_normal((b, s, k)) * scale).astype(np.float32)
         x[0, 0] = 0.0  # an all-zero token (with the zero embedding row)
         (y,) = sess.run(["y"], {"ids": ids, "x": x})
-        want = _per_token_reference(table_deq[ids] + x, w.astype(np.float64))
+        want = _per_token_reference(table_deq.astype(np.float32)[ids] + x, w.astype(np.float64))
         exact = (table[ids] + x) @ w
         assert y.shape == (b, s, n)
         np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
