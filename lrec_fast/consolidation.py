@@ -22,15 +22,20 @@ The two heads own disjoint tables, so each is validated, kept or rolled back on 
 The validation share has been learned from already (``feedback`` trained on every event as it
 arrived), so it measures fit more than generalisation; README, "Update semantics".
 
-Slower still (every ``refit_every`` events, or ``Recommender.refit()``), ``refit`` runs
-``refit_epochs`` shuffled passes of the rating head over the event log (the newest
-``refit_log_size`` events learned from) at the warm-up fit's learning rate and decay, user
-gain 1, in mini-batches of ``batch_size``: the stream's single time-ordered pass, with its
-user gain, learns fast and drifts; a shuffled pass over everything pulls the rows back toward
-what all the data says (less forgetting, better stream RMSE too). The guard rail checks each
-pass whole, not each mini-batch (8x cheaper: the kernel step is 1/8 of a guarded one); a pass
-that diverges rolls the refit back. There is no validation share that no step has seen, so
-the pass count is a setting (picked on the warm-up, ``LearnerConfig``), not early-stopped.
+Slower still, a refit runs ``refit_epochs`` shuffled passes of the rating head over the event
+log (the newest ``refit_log_size`` events learned from) at the warm-up fit's learning rate and
+decay, user gain 1, in mini-batches of ``batch_size``: the stream's single time-ordered pass,
+with its user gain, learns fast and drifts; a shuffled pass over everything pulls the rows
+back toward what all the data says (less forgetting, better stream RMSE too). Every
+``refit_every`` events one starts over the log as it stands, and each later ``feedback`` call
+steps its share of it (``refit_budget``: events x its size / refit_every), so it ends as the
+next starts and no call stalls on a whole pass; ``Recommender.refit()`` runs one whole, now.
+Its state (shuffle key, position, progress) is a few integers in the checkpoint, so a
+reloaded model continues it bit for bit. The guard rail checks each slice whole (the steps a
+call makes, at most ``REFIT_SLICE_STEPS`` mini-batches), not each mini-batch (8x cheaper: the
+kernel step is 1/8 of a guarded one); a slice that diverges is rolled back (its rows, scales
+and mu) and the refit stops. There is no validation share that no step has seen, so the pass
+count is a setting (picked on the warm-up, ``LearnerConfig``), not early-stopped.
 """
 
 from __future__ import annotations
@@ -173,11 +178,18 @@ def consolidate(
     return report
 
 
+# A guarded slice of a refit takes at most this many mini-batches (an explicit refit's passes
+# run in slices of this size): its rows stay unfolded while it runs (the rollback restores
+# the scales), and 1,000 decayed steps keep the scales far above the fold threshold.
+REFIT_SLICE_STEPS = 1_000
+
+
 @dataclass
 class RefitReport:
-    """What one refit did: events in the log it passed over, passes made, whether a pass
-    diverged and the refit was rolled back whole, and the log's RMSE (clipped predictions)
-    before and after (the same when rolled back)."""
+    """What one refit did: events of the log it covered, passes it made (the last may be
+    partial when rolled back), whether a slice diverged (that slice was rolled back and the
+    refit stopped), and the RMSE (raw predictions) of the events each slice stepped, measured
+    just before and just after that slice, over all its slices; seconds spent stepping."""
 
     events: int = 0
     epochs: int = 0
@@ -187,34 +199,116 @@ class RefitReport:
     seconds: float = 0.0
 
 
-def refit(
+def refit_start(state: ModelState, cfg: LearnerConfig) -> None:
+    """Begin a refit over the newest ``refit_log_size`` logged events (``refit_epochs`` passes),
+    replacing one still running; ``refit_advance`` steps it."""
+    n = min(state.log_users.n, cfg.refit_log_size)
+    start = int(state.log_dropped) + state.log_users.n - n
+    job = [int(state.replay_seen), start, n, 0, n * cfg.refit_epochs]
+    state.refit_job.copy_(torch.tensor(job, dtype=torch.int64))
+    state.refit_stats.zero_()
+    state.refit_seconds = 0.0
+    state.since_refit.zero_()
+
+
+def refit_running(state: ModelState) -> bool:
+    return int(state.refit_job[3]) < int(state.refit_job[4])
+
+
+def refit_budget(state: ModelState, n_events: int, cfg: LearnerConfig) -> int:
+    """Events of the running refit that a feedback call of ``n_events`` steps: its share of the
+    refit's total, so that it ends by the time the next one starts (refit_every events), in
+    whole mini-batches."""
+    total = int(state.refit_job[4])
+    share = -(-total * n_events // max(cfg.refit_every, 1))
+    return -(-share // cfg.batch_size) * cfg.batch_size
+
+
+def _order(state: ModelState, key: int, epoch: int, n: int, seed: int) -> torch.Tensor:
+    """The shuffle of pass ``epoch`` of the refit ``key`` (cached: one per pass)."""
+    cached = state.refit_order
+    if cached is None or cached[:3] != (key, epoch, n):
+        rng = np.random.default_rng([seed, key, 3, epoch])
+        cached = state.refit_order = (key, epoch, n, torch.from_numpy(rng.permutation(n)))
+    return cached[3]
+
+
+def _guarded_slice(
     state: ModelState, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
-    cfg: LearnerConfig, backend: str, clip: tuple[float, float] | None = None,
-) -> RefitReport:  # fmt: skip
-    """Shuffled passes of the rating head over logged events (row indices [n], ratings [n]);
-    see the module doc. The steps are the kernel's alone; the guard rail checks each pass
-    whole (every rating table and mu finite, the log's loss after it at most explode_ratio x
-    the loss before the refit or the squared width of the range): a pass that fails it rolls
-    the refit back to the weights before it. In place; returns the report."""
-    t0 = time.perf_counter()
-    n = users.numel()
-    report = RefitReport(events=n)
-    if n == 0 or cfg.refit_epochs == 0:
-        return report
+    cfg: LearnerConfig, backend: str, clip: tuple[float, float] | None,
+) -> tuple[float, float] | None:  # fmt: skip
+    """Step the events (time order = step order) in mini-batches at the fit's rates, gain 1,
+    with the guard rail on the slice whole: the touched rows, scales and mu finite, and the
+    slice's loss after it at most explode_ratio x before or the range's squared width. On
+    failure (or an error) the touched rows, scales and mu go back bit for bit (no fold ran
+    meanwhile), and it returns None (or raises); else (MSE before, MSE after)."""
+    tu, ti = users.unique(), items.unique()
+    rows = (("user_rows", tu), ("user_bias", tu), ("item_rows", ti), ("item_bias", ti))
+    saved = [getattr(state, name).t[idx].clone() for name, idx in rows]
+    scales, mu = state.scales.clone(), state.mu.clone()
+
+    def undo() -> None:
+        for (name, idx), value in zip(rows, saved, strict=True):
+            getattr(state, name).t[idx] = value
+        state.scales.copy_(scales)
+        state.mu.copy_(mu)
+
     lr, wd = online.fit_rates(cfg)
-    loss, report.rmse_before = online.mse_and_rmse(state, users, items, ratings, clip)
-    limit = max(cfg.explode_ratio * loss, online.range_loss(clip))
-    before = _save(state, RATING_TABLES)
-    rng = np.random.default_rng([cfg.seed, int(state.replay_seen), 3])
-    for epoch in range(1, cfg.refit_epochs + 1):
-        order = torch.from_numpy(rng.permutation(n))
-        online.unguarded_pass(state, users, items, ratings, order, lr, wd, cfg, backend)
-        report.epochs = epoch
-        loss, report.rmse_after = online.mse_and_rmse(state, users, items, ratings, clip)
-        sound = all(bool(torch.isfinite(getattr(state, k).t).all()) for k in RATING_TABLES)
-        if not (sound and math.isfinite(float(state.mu)) and loss <= limit):
-            _load(state, before)
-            report.rolled_back, report.rmse_after = True, report.rmse_before
-            break
-    report.seconds = time.perf_counter() - t0
+    try:
+        before = online.mse(state, users, items, ratings)
+        online.unguarded_pass(state, users, items, ratings, lr, wd, cfg, backend)
+        after = online.mse(state, users, items, ratings)
+    except BaseException:
+        undo()
+        raise
+    sound = all(bool(torch.isfinite(getattr(state, name).t[idx]).all()) for name, idx in rows)
+    sound = sound and bool(torch.isfinite(state.scales).all()) and math.isfinite(float(state.mu))
+    if not (sound and after <= max(cfg.explode_ratio * before, online.range_loss(clip))):
+        undo()
+        return None
+    state.fold_scales(cfg.fold_threshold)
+    return before, after
+
+
+def refit_advance(
+    state: ModelState, budget: float, cfg: LearnerConfig, backend: str,
+    clip: tuple[float, float] | None = None,
+) -> RefitReport | None:  # fmt: skip
+    """Step up to ``budget`` more events of the running refit (see the module doc), in guarded
+    slices of at most REFIT_SLICE_STEPS mini-batches within one pass; logged events trimmed
+    off the log since it started are skipped. Returns its report when it has ended (all
+    passes made, or a slice diverged: that slice rolled back, the refit stopped), else None.
+    A refit that covers no event ends at once."""
+    key, start, n, done, total = state.refit_job.tolist()
+    stats = state.refit_stats
+    failed_in = 0  # the pass a diverging slice was in
+    while budget > 0 and done < total:
+        t0 = time.perf_counter()
+        epoch, pos = divmod(done, n)
+        bs = cfg.batch_size  # whole mini-batches, so slices step a whole pass's batches
+        m = min(n - pos, REFIT_SLICE_STEPS * bs, bs * math.ceil(min(budget, n) / bs))
+        at = _order(state, key, epoch, n, cfg.seed)[pos : pos + m] + (
+            start - int(state.log_dropped)
+        )
+        at = at[at >= 0]  # trimmed off the log meanwhile
+        if at.numel():
+            u, i, r = state.log_users.t[at], state.log_items.t[at], state.log_ratings.t[at]
+            result = _guarded_slice(state, u, i, r, cfg, backend, clip)
+            if result is None:
+                failed_in = epoch + 1
+            else:
+                k = at.numel()
+                stats += torch.tensor([result[0] * k, result[1] * k, k], dtype=torch.float64)
+        state.refit_seconds += time.perf_counter() - t0
+        budget -= m
+        done = total if failed_in else done + m
+        state.refit_job[3] = done
+    if done < total:
+        return None
+    sq_before, sq_after, counted = stats.tolist()
+    report = RefitReport(events=n, epochs=failed_in or (total // n if n else 0),
+                         rolled_back=bool(failed_in), seconds=state.refit_seconds)  # fmt: skip
+    if counted:
+        report.rmse_before = math.sqrt(sq_before / counted)
+        report.rmse_after = math.sqrt(sq_after / counted)
     return report

@@ -217,6 +217,16 @@ class ModelState:
     log_items: Rows = field(init=False)
     log_ratings: Rows = field(init=False)
     since_refit: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.int64))
+    # Events trimmed off the log's front so far: log row k holds absolute event log_dropped + k.
+    log_dropped: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.int64))
+    # The running refit (consolidation.refit_start / refit_advance), spread over feedback
+    # calls: [key of its shuffles, absolute log position of its first event, events it covers,
+    # events stepped so far, events to step (covered x passes)]; running while stepped < total.
+    # refit_stats: [sum of squared errors before, after, events] of its slices so far.
+    refit_job: torch.Tensor = field(default_factory=lambda: torch.zeros(5, dtype=torch.int64))
+    refit_stats: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
+    refit_seconds: float = field(default=0.0, compare=False)  # its time (not checkpointed)
+    refit_order: Any = field(default=None, repr=False, compare=False)  # (key, pass, n, order)
     # Random source of the learner (row initialisation, sampled negatives, shuffles), saved
     # with the checkpoint so a reloaded model continues exactly as the original would.
     rng: torch.Generator = field(default_factory=torch.Generator, repr=False, compare=False)
@@ -323,15 +333,19 @@ class ModelState:
     LOG_TABLES = ("log_users", "log_items", "log_ratings")
 
     def _keep_newest(self, names: tuple[str, ...], events: tuple[torch.Tensor, ...],
-                     size: int) -> None:  # fmt: skip
+                     size: int) -> int:  # fmt: skip
         """Append ``events`` to the tables ``names``, keeping at least the newest ``size`` rows:
-        the tables are cut back to ``size`` once they reach twice that (O(1) amortised)."""
+        the tables are cut back to ``size`` once they reach twice that (O(1) amortised).
+        Returns how many rows were cut off the front."""
         tables = [getattr(self, name) for name in names]
         for table, t in zip(tables, events, strict=True):
             table.append(t)
         if tables[0].n > 2 * size:
+            dropped = tables[0].n - size
             for table in tables:
-                table.set(table.t[table.n - size :].clone())
+                table.set(table.t[dropped:].clone())
+            return dropped
+        return 0
 
     def _newest(self, names: tuple[str, ...], size: int) -> tuple[torch.Tensor, ...]:
         start = max(getattr(self, names[0]).n - size, 0)
@@ -350,7 +364,7 @@ class ModelState:
     def log(self, events: tuple[torch.Tensor, ...], size: int) -> None:
         """Append events (user rows, item rows, ratings; time order) to the refit's event log,
         keeping at least the newest ``size``."""
-        self._keep_newest(self.LOG_TABLES, events, size)
+        self.log_dropped += self._keep_newest(self.LOG_TABLES, events, size)
 
     def logged(self, size: int) -> tuple[torch.Tensor, ...]:
         """The newest ``size`` events of the log: user rows, item rows, ratings."""
@@ -380,6 +394,8 @@ class ModelState:
             "window_ratings": self.window_ratings.t, "window_hist": self.window_hist.t,
             "log_users": self.log_users.t, "log_items": self.log_items.t,
             "log_ratings": self.log_ratings.t, "since_refit": self.since_refit,
+            "log_dropped": self.log_dropped, "refit_job": self.refit_job,
+            "refit_stats": self.refit_stats,
             "since_consolidation": self.since_consolidation, "rng_state": self.rng.get_state(),
             "scales": self.scales, "mu": self.mu, "proj": self.proj,
             "seen_indptr": torch.from_numpy(indptr),
@@ -416,6 +432,11 @@ class ModelState:
         zero = torch.zeros(1, dtype=torch.int64)
         self.since_consolidation = t.get("since_consolidation", zero).clone()
         self.since_refit = t.get("since_refit", self.since_refit).clone()
+        if "log_dropped" in t:  # snapshots leave it out, with the log
+            self.log_dropped = t["log_dropped"].clone()
+        # checkpoints before the refit was spread: none running
+        self.refit_job = t.get("refit_job", torch.zeros(5, dtype=torch.int64)).clone()
+        self.refit_stats = t.get("refit_stats", torch.zeros(3, dtype=torch.float64)).clone()
         if "rng_state" in t:
             self.rng.set_state(t["rng_state"].clone())
         else:
@@ -438,7 +459,7 @@ class ModelState:
         """A deep copy to roll back to (tensors plus id maps)."""
         return {
             "tensors": {k: v.clone() for k, v in self.tensors().items()
-                        if k not in self.LOG_TABLES},
+                        if k not in (*self.LOG_TABLES, "log_dropped")},
             "users": list(self.users.ids), "items": list(self.items.ids),
             "proj_fitted": self.proj_fitted,
         }  # fmt: skip
@@ -537,4 +558,11 @@ def load_state(directory: str | Path) -> tuple[ModelState, dict[str, Any]]:
                               and 0 <= int(li.min()) and int(li.max()) < len(state.items)))
     ):  # fmt: skip
         raise ValueError(f"{folder}: the event log does not fit the tables")
+    job = state.refit_job
+    if not (
+        job.shape == (5,) and int(job.min()) >= 0 and int(job[3]) <= int(job[4])
+        and state.refit_stats.shape == (3,) and bool(torch.isfinite(state.refit_stats).all())
+        and state.log_dropped.shape == (1,) and int(state.log_dropped) >= 0
+    ):  # fmt: skip
+        raise ValueError(f"{folder}: the running refit's record is malformed")
     return state, meta["config"]

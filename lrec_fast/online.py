@@ -386,19 +386,18 @@ def fit_rates(cfg: LearnerConfig) -> tuple[float, float]:
 
 def unguarded_pass(
     state: ModelState, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
-    order: torch.Tensor, lr: float, wd: float, cfg: LearnerConfig, backend: str,
+    lr: float, wd: float, cfg: LearnerConfig, backend: str,
 ) -> None:  # fmt: skip
-    """One pass over the events ``order`` picks, in mini-batches of ``cfg.batch_size`` at gain
-    1, without ``step``'s guard (the caller checks the pass whole): the fused kernel step and
-    the scale fold only."""
-    for s in range(0, order.numel(), cfg.batch_size):
-        b = order[s : s + cfg.batch_size]
+    """Step the events in their order, in mini-batches of ``cfg.batch_size`` at gain 1: the
+    fused kernel step alone, without ``step``'s guard or the scale fold (the caller checks the
+    whole and folds)."""
+    for s in range(0, users.numel(), cfg.batch_size):
+        b = slice(s, s + cfg.batch_size)
         kernels.mf_sgd_step(
             state.user_rows.t, state.item_rows.t, state.user_bias.t, state.item_bias.t,
             state.scales, state.mu, users[b], items[b], ratings[b],
-            effective_lr(lr, b.numel(), cfg), wd, cfg.learn_mu, backend=backend,
+            effective_lr(lr, users[b].numel(), cfg), wd, cfg.learn_mu, backend=backend,
         )  # fmt: skip
-        state.fold_scales(cfg.fold_threshold)
 
 
 def fit(

@@ -4,6 +4,7 @@ dispatching kernels."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -179,6 +180,7 @@ class Recommender:
         self.state = ModelState(dim=dim, text_dim=text_dim, history_len=self.config.history_len)
         self.state.rng.manual_seed(self.config.seed)
         self._lock = threading.RLock()
+        self.last_refit: RefitReport | None = None  # the latest ended refit's report
         log.info("Recommender: backend %s, dim %d", self._backend.name, dim)
 
     @staticmethod
@@ -375,9 +377,21 @@ class Recommender:
             self.state.seen.add(ui.tolist(), ii.tolist())
             if 0 < cfg.consolidate_every <= int(st.since_consolidation):
                 self.consolidate()
+            if cfg.refit_every > 0 and consolidation.refit_running(st):
+                self._advance_refit(consolidation.refit_budget(st, n, cfg))
             if 0 < cfg.refit_every <= int(st.since_refit):
-                self.refit()
+                self._advance_refit(math.inf)  # normally ended already (its budget)
+                consolidation.refit_start(st, cfg)
             return loss
+
+    def _advance_refit(self, budget: float) -> RefitReport | None:
+        report = consolidation.refit_advance(self.state, budget, self.config, self.backend,
+                                             self.rating_range)  # fmt: skip
+        if report is not None:
+            self._refresh_text_priors()
+            self.last_refit = report
+            log.info("refit: %s", report)
+        return report
 
     def consolidate(self) -> ConsolidationReport:
         """Consolidate now on the newest ``consolidate_window`` events learned from (warm-up
@@ -406,25 +420,22 @@ class Recommender:
             return report
 
     def refit(self) -> RefitReport:
-        """Refit the rating head now: ``refit_epochs`` shuffled passes over the event log (the
-        newest ``refit_log_size`` events learned from, warm-up included; checkpoints keep it)
-        at the warm-up fit's learning rate and decay, then the text projection refitted
-        (``lrec_fast.consolidation.refit``). Runs under the lock; all or nothing on an
-        unexpected error. Its cost is linear in the log (about 0.12 s per 100,000 events on
-        the 2-core CPU machine, README)."""
+        """Refit the rating head now, whole: ``refit_epochs`` shuffled passes over the event log
+        (the newest ``refit_log_size`` events learned from, warm-up included; checkpoints keep
+        it) at the warm-up fit's learning rate and decay, then the text projection refitted
+        (``lrec_fast.consolidation``). A refit that ``feedback`` spreads over its calls and has
+        not ended is replaced. Runs under the lock (about 0.12 s per 100,000 logged events on
+        the 2-core CPU machine, README); all or nothing on an unexpected error."""
         with self._lock:
             st = self.state
-            u, i, r = st.logged(self.config.refit_log_size)  # views: nothing appends meanwhile
             snap = st.snapshot()
             try:
-                st.since_refit.zero_()
-                report = consolidation.refit(st, u, i, r, self.config, self.backend,
-                                             self.rating_range)  # fmt: skip
-                self._refresh_text_priors()
+                consolidation.refit_start(st, self.config)
+                report = self._advance_refit(math.inf)
             except BaseException:
                 st.restore(snap)
                 raise
-            log.info("refit: %s", report)
+            assert report is not None
             return report
 
     # -- answering ---------------------------------------------------------------------------

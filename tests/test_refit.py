@@ -4,14 +4,16 @@ the fit's rates, the log itself, the cadence, checkpoints, and all-or-nothing on
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 
 import pytest
 import torch
 
-from lrec_fast import Recommender, kernels, online
+from lrec_fast import Recommender, consolidation, kernels, online
 from lrec_fast.consolidation import RANKING_TABLES, RATING_TABLES
 
+from .conftest import assert_same_bits, state_bits
 from .test_consolidation import streamed, tables
 
 
@@ -70,54 +72,104 @@ def test_each_pass_steps_every_logged_event_once_at_the_fits_rates(stream, monke
     for k, v in rank_before.items():
         assert torch.equal(getattr(rec.state, k).t[rated], v[rated]), k
     assert int(rec.state.since_refit) == 0
-    assert report.rmse_after == pytest.approx(online.rmse(rec.state, *rec.state.logged(650),
-                                                          rec.rating_range))  # fmt: skip
+    assert report.rmse_after < report.rmse_before
+    if epochs == 1:  # one slice: its RMSE after it is the log's now (raw predictions)
+        assert report.rmse_after == pytest.approx(online.rmse(rec.state, *rec.state.logged(650)))
+
+
+def test_a_refit_in_slices_is_bit_for_bit_a_whole_one(stream):
+    """Stepped 200 events at a time (as feedback spreads it; slices cross the pass boundary),
+    a refit makes the same mini-batches, and so the same model, as one run whole."""
+    kw = dict(n=300, refit_every=0, refit_log_size=650, refit_epochs=2)
+    whole, sliced = streamed(stream, **kw), streamed(stream, **kw)
+    report = whole.refit()
+    st, cfg = sliced.state, sliced.config
+    consolidation.refit_start(st, cfg)
+    calls = 0
+    while (got := consolidation.refit_advance(st, 200, cfg, sliced.backend)) is None:
+        calls += 1
+    sliced._refresh_text_priors()
+    assert calls == 6 and (got.events, got.epochs) == (report.events, report.epochs) == (650, 2)
+    a, b = state_bits(whole), state_bits(sliced)
+    del a["t"]["refit_stats"], b["t"]["refit_stats"]  # sums in another order
+    assert_same_bits(a, b)
+
+
+def test_events_trimmed_off_the_log_while_it_runs_are_skipped(stream, monkeypatch):
+    rec = streamed(stream, n=200, refit_every=0, refit_log_size=400)
+    st = rec.state
+    consolidation.refit_start(st, rec.config)
+    start, n = int(st.refit_job[1]), int(st.refit_job[2])
+    covered = events_of(rec, *st.logged(400))
+    for s in range(1700, 2000, 100):  # no refit steps: refit_every 0
+        ev = stream.events.take(slice(s, s + 100))
+        rec.feedback(ev.user, ev.item, ev.rating)
+    kept = max(0, start + n - int(st.log_dropped))
+    assert 0 < kept < n  # the log was cut into the refit's events
+    stepped = Counter()
+    real = kernels.mf_sgd_step
+
+    def spy(*args, **kwargs):
+        stepped.update(events_of(rec, args[6], args[7], args[8]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "mf_sgd_step", spy)
+    report = consolidation.refit_advance(st, math.inf, rec.config, rec.backend)
+    assert report is not None and report.events == n and not report.rolled_back
+    assert sum(stepped.values()) == kept and not stepped - covered
 
 
 @pytest.mark.parametrize("harm", ["nan", "explode"])
-def test_a_divergent_pass_rolls_the_refit_back(stream, monkeypatch, harm):
-    rec = streamed(stream, n=200, refit_every=0, refit_log_size=500, refit_epochs=2)
-    before = tables(rec, RATING_TABLES)
-    scales, mu = rec.state.scales.clone(), rec.state.mu.clone()
+def test_a_divergent_slice_is_rolled_back_and_ends_the_refit(stream, monkeypatch, harm):
+    """Two passes over 500 logged events, each its own slice; the second diverges: it is
+    rolled back bit for bit and the refit ends, so the model is the one a single pass makes."""
+    kw = dict(n=200, refit_every=0, refit_log_size=500)
+    rec, once = streamed(stream, **kw, refit_epochs=2), streamed(stream, **kw, refit_epochs=1)
+    first = once.refit()
     real, calls = kernels.mf_sgd_step, []
 
     def second_pass_breaks(*args, **kwargs):
         out = real(*args, **kwargs)
         calls.append(1)
-        if len(calls) == 7:  # in the second pass
+        if len(calls) == 7:  # in the second pass (5 mini-batches each)
+            item_rows, items = args[1], args[7]
             if harm == "nan":
-                args[1][3, 0] = float("nan")
+                item_rows[items[0], 0] = float("nan")
             else:
-                args[1].mul_(1e3)
+                item_rows[items] *= 1e3
         return out
 
     monkeypatch.setattr(kernels, "mf_sgd_step", second_pass_breaks)
     report = rec.refit()
-    assert report.rolled_back and report.epochs == 2
-    assert report.rmse_after == pytest.approx(report.rmse_before)
-    rated = rec.state.item_count.t > 0  # never-rated items take the refitted text prior
-    for k, v in before.items():
-        now = getattr(rec.state, k).t
-        if k in ("item_rows", "item_bias"):
-            now, v = now[rated], v[rated]
-        assert torch.equal(now, v), k
-    assert torch.equal(rec.state.scales, scales) and torch.equal(rec.state.mu, mu)
+    assert report.rolled_back and report.epochs == 2 and len(calls) == 10
+    assert (report.rmse_before, report.rmse_after) == (first.rmse_before, first.rmse_after)
+    for k, v in tables(once, RATING_TABLES).items():
+        assert torch.equal(getattr(rec.state, k).t, v), k
+    assert torch.equal(rec.state.scales, once.state.scales)
+    assert torch.equal(rec.state.mu, once.state.mu)
+    assert not consolidation.refit_running(rec.state)
 
 
-def test_cadence_runs_it_from_feedback(stream, monkeypatch):
-    sizes = []
-    real = Recommender.refit
-
-    def spy(self):
-        sizes.append(int(self.state.since_refit))
-        return real(self)
-
-    monkeypatch.setattr(Recommender, "refit", spy)
-    streamed(stream, n=700, refit_every=300)
-    assert sizes == [300, 300]  # after 300 and 600 streamed events (the fit is not a feedback)
-    sizes.clear()
-    streamed(stream, n=700, refit_every=0)
-    assert sizes == []
+def test_feedback_spreads_each_refit_over_its_calls_until_the_next(stream):
+    """Every refit_every (300) streamed events a refit starts over the log as it stands; each
+    feedback call (100 events) steps its share (a third), so it has ended as the next starts."""
+    rec = streamed(stream, n=0, refit_every=300)
+    jobs = []
+    for s in range(1500, 2200, 100):
+        ev = stream.events.take(slice(s, s + 100))
+        rec.feedback(ev.user, ev.item, ev.rating)
+        jobs.append(rec.state.refit_job[1:].tolist())  # start, events, stepped, total
+    assert jobs[:2] == [[0, 0, 0, 0]] * 2  # none until 300 streamed events
+    assert jobs[2:6] == [[0, 1800, 0, 1800], [0, 1800, 600, 1800], [0, 1800, 1200, 1800],
+                         [0, 2100, 0, 2100]]  # fmt: skip
+    assert jobs[6] == [0, 2100, 700, 2100]
+    assert rec.last_refit is not None and (rec.last_refit.events, rec.last_refit.epochs) == (
+        1800,
+        1,
+    )
+    assert rec.last_refit.rmse_after < rec.last_refit.rmse_before
+    quiet = streamed(stream, n=700, refit_every=0)
+    assert quiet.last_refit is None and not consolidation.refit_running(quiet.state)
 
 
 def test_a_failed_feedback_logs_nothing(stream, monkeypatch):
@@ -139,7 +191,8 @@ def test_a_checkpoint_from_before_the_refit_loads_without_it(stream, tmp_path):
     rec.save(tmp_path / "ck")
     path = tmp_path / "ck" / "model.safetensors"
     save_file({k: v for k, v in load_file(str(path)).items()
-               if not k.startswith("log_") and k != "since_refit"}, str(path))  # fmt: skip
+               if not k.startswith(("log_", "refit_")) and k != "since_refit"},
+              str(path))  # fmt: skip
     meta_p = tmp_path / "ck" / "state.json"
     meta = json.loads(meta_p.read_text())
     for key in ("refit_every", "refit_epochs", "refit_log_size"):
@@ -153,16 +206,22 @@ def test_a_checkpoint_from_before_the_refit_loads_without_it(stream, tmp_path):
     assert again.state.log_users.n == 100
 
 
-def test_a_log_that_does_not_fit_the_tables_is_refused(stream, tmp_path):
+@pytest.mark.parametrize("flaw", ["log", "job", "stats"])
+def test_a_malformed_log_or_refit_record_is_refused(stream, tmp_path, flaw):
     from safetensors.torch import load_file, save_file
 
-    rec = streamed(stream, n=100)
+    rec = streamed(stream, n=400, refit_every=300)
     rec.save(tmp_path / "ck")
     path = tmp_path / "ck" / "model.safetensors"
     t = load_file(str(path))
-    t["log_items"][3] = rec.n_items  # one past the catalogue
+    if flaw == "log":
+        t["log_items"][3] = rec.n_items  # one past the catalogue
+    elif flaw == "job":
+        t["refit_job"][3] = t["refit_job"][4] + 1  # stepped more than it has
+    else:
+        t["refit_stats"][0] = float("nan")
     save_file(t, str(path))
-    with pytest.raises(ValueError, match="event log"):
+    with pytest.raises(ValueError, match="event log" if flaw == "log" else "refit"):
         Recommender.load(tmp_path / "ck")
 
 
