@@ -38,19 +38,39 @@ def rec():
     return movielens_sized()
 
 
-@pytest.mark.parametrize("rerank", [True, False], ids=["rerank", "no-rerank"])
+@pytest.mark.parametrize("rerank", ["knn", "mf", "none"],
+                         ids=["rerank", "rerank-mf-only", "no-rerank"])  # fmt: skip
 @pytest.mark.parametrize("b", [1, 64])
 def test_recommend(benchmark, rec, b, rerank):
-    """The default (warm users' top 30 re-ranked) beside rerank_weight=0, the head alone."""
+    """The default (warm users' top 30 re-ranked by the predicted rating, the neighbourhood
+    correction included) beside the factor model's rating alone and rerank_weight=0."""
     users = rec.state.users.ids[:b]
     benchmark.group = f"service recommend B={b} k=10"
-    weight = rec.config.rerank_weight
-    rec.config.rerank_weight = weight if rerank else 0.0
+    cfg = rec.config
+    weight, knn = cfg.rerank_weight, cfg.knn_weight
+    cfg.rerank_weight = weight if rerank != "none" else 0.0
+    cfg.knn_weight = knn if rerank == "knn" else 0.0
     try:
         items, _ = benchmark(rec.recommend, users, 10)
     finally:
-        rec.config.rerank_weight = weight
+        cfg.rerank_weight, cfg.knn_weight = weight, knn
     assert items.shape == (b, 10)
+
+
+@pytest.mark.parametrize("knn", [True, False], ids=["knn", "mf-only"])
+@pytest.mark.parametrize("n", [1, 100])
+def test_predict(benchmark, rec, n, knn):
+    """predict() of n (user, item) pairs of known users: with the neighbourhood correction
+    (the default) and the factor model alone."""
+    ids = rec.state.users.ids
+    users, items = [ids[j % len(ids)] for j in range(n)], rec.item_ids[:n]
+    benchmark.group = f"service predict n={n}"
+    weight = rec.config.knn_weight
+    rec.config.knn_weight = weight if knn else 0.0
+    try:
+        benchmark(rec.predict, users, items)
+    finally:
+        rec.config.knn_weight = weight
 
 
 @pytest.mark.parametrize("b", [1, 64])
@@ -136,6 +156,23 @@ def test_refit(benchmark, slow_rec):
 def test_consolidate(benchmark, slow_rec):
     benchmark.group = SLOW
     benchmark.pedantic(slow_rec.consolidate, rounds=5, iterations=1)
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_item_neighbours(benchmark, slow_rec, backend):
+    """The neighbourhood correction's recompute (at each refit): every item's 100 nearest by
+    residual correlation over 50,000 ratings; numba (sparse walk) beside the dense torch
+    reference (two n_items^2 GEMMs: what a user would write)."""
+    from lrec_fast import neighbours
+
+    st, cfg = slow_rec.state, slow_rec.config
+    users, items, ratings = neighbours._rated(st)
+    mu, b_u, b_i = neighbours.baseline(users, items, ratings, len(st.users), len(st.items), cfg)
+    res = ratings - mu - b_u[users] - b_i[items]
+    benchmark.group = SLOW
+    benchmark.pedantic(kernels.item_neighbours, (users, items, res, len(st.items), cfg.knn_size,
+                                                 cfg.knn_shrink), {"backend": backend},
+                       rounds=3, iterations=1)  # fmt: skip
 
 
 def test_retrain_from_scratch(benchmark):

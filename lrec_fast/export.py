@@ -10,7 +10,8 @@ nothing else:
                           item_rank_bias_cold (with the recency prior at export time, for
                           users with and without a ranking history), ctx_rows, user_recent: what
                           recommend scores (the ranking head, or the rating rows for
-                          rank_by="rating"); proj (text -> every item value), seen (CSR)
+                          rank_by="rating"); proj (text -> every item value), seen (CSR,
+                          with ratings) and knn_* (the neighbourhood correction of predict)
     ids.json              external user and item ids, in row order
     vocab.txt, tokenizer.json, tokenizer_config.json, special_tokens_map.json
     manifest.json         format + version, precision, dims, rating range, sha256 of each file
@@ -172,6 +173,11 @@ def _serving_state(
         "proj": st.proj.numpy().astype(np.float32),
         "seen_indptr": seen["seen_indptr"].numpy(),
         "seen_indices": seen["seen_indices"].numpy(),
+        "seen_ratings": seen["seen_ratings"].numpy(),
+        "knn_rows": st.knn_rows.numpy(),
+        "knn_sims": st.knn_sims.numpy().astype(np.float32),
+        "knn_bias": st.knn_bias.numpy().astype(np.float32),
+        "knn_mu": st.knn_mu.numpy().astype(np.float64),
     }
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     ids = {"users": list(st.users.ids), "items": list(st.items.ids)}
@@ -179,7 +185,9 @@ def _serving_state(
             "n_items": len(st.items), "rating_range": list(rec.rating_range),
             "proj_fitted": bool(st.proj_fitted), "rank_by": cfg.rank_by,
             "history_len": st.history_len, "history_decay": cfg.history_decay,
-            "rerank_weight": cfg.rerank_weight, "rerank_depth": cfg.rerank_depth}  # fmt: skip
+            "rerank_weight": cfg.rerank_weight, "rerank_depth": cfg.rerank_depth,
+            "knn": {"weight": cfg.knn_weight, "user_reg": cfg.knn_user_reg, "k": cfg.knn_k,
+                    "reg": cfg.knn_reg}}  # fmt: skip
     return tensors, ids, meta
 
 
@@ -247,6 +255,10 @@ class Deployment:
         self.proj = t["proj"]
         ptr, idx = t["seen_indptr"], t["seen_indices"]
         self._seen = [idx[ptr[i] : ptr[i + 1]] for i in range(len(ptr) - 1)]
+        # the neighbourhood correction (exported before it existed: none)
+        rated = t.get("seen_ratings", np.full(len(idx), np.nan, np.float32))
+        self._rated = [rated[ptr[i] : ptr[i + 1]] for i in range(len(ptr) - 1)]
+        self._neighbours = self._neighbours_of(t, self.manifest.get("knn"))
         if len(self._items) != len(self.item_rows) or len(self._users) != len(self.user_rows):
             raise DeploymentError(f"{self.directory}: id lists and tables disagree in size")
         enc = self.manifest["encoder"]
@@ -263,6 +275,30 @@ class Deployment:
         self._lock = threading.RLock()
         log.info("deployment %s: %s, %d users, %d items, encoder on %s", self.directory,
                  self.precision, len(self._users), len(self._items), self.provider)  # fmt: skip
+
+    @staticmethod
+    def _neighbours_of(t: dict[str, np.ndarray], knn: dict[str, Any] | None) -> Any:
+        import torch
+
+        from .neighbours import Neighbours
+
+        if not knn or not knn["weight"] or "knn_rows" not in t or not len(t["knn_rows"]):
+            return None
+        return Neighbours(torch.from_numpy(t["knn_rows"]), torch.from_numpy(t["knn_sims"]),
+                          torch.from_numpy(t["knn_bias"]), float(t["knn_mu"][0]),
+                          float(knn["weight"]), float(knn["user_reg"]), int(knn["k"]),
+                          float(knn["reg"]))  # fmt: skip
+
+    def _history(self, user: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._seen[user], self._rated[user]
+
+    def _blended(self, users: Any, items: Any, ratings: Any) -> Any:
+        """Ratings (torch float32 [E]) of user rows ``users`` (-1: unknown) and item rows
+        ``items`` with the neighbourhood correction blended in, as ``Recommender.predict``."""
+        from .neighbours import blend
+
+        lo, hi = self.manifest["rating_range"]
+        return blend(self._neighbours, self._history, users, items, ratings, (lo, hi), None)
 
     @property
     def n_items(self) -> int:
@@ -340,7 +376,13 @@ class Deployment:
 
         u = np.asarray(users, dtype=np.int64)
         q, b = self.user_rows[u][:, None, :], self.user_bias[u][:, None]
-        return lambda items: torch.from_numpy(self._rating_sum(q, b, items.numpy()))
+
+        def rating(items: torch.Tensor) -> torch.Tensor:
+            r = torch.from_numpy(self._rating_sum(q, b, items.numpy()))
+            flat = torch.from_numpy(u)[:, None].expand_as(items).reshape(-1)
+            return self._blended(flat, items.reshape(-1), r.reshape(-1)).view(items.shape)
+
+        return rating
 
     def predict(self, user_ids: Sequence[Any], item_ids: Sequence[Any]) -> np.ndarray:
         """Predicted ratings, float32 [N]; unknown items raise ValueError."""
@@ -353,9 +395,13 @@ class Deployment:
             missing = [j for j in i if j not in self._items]
             if missing:
                 raise ValueError(f"unknown items: {missing[:5]}")
-            q, b, _ = self._queries(u)
+            import torch
+
+            q, b, idx = self._queries(u)
             rows = np.array([self._items.index[j] for j in i], dtype=np.int64)
-            return self._rating_sum(q, b, rows)
+            p = torch.from_numpy(self._rating_sum(q, b, rows))
+            users = torch.tensor(idx, dtype=torch.int64)
+            return self._blended(users, torch.from_numpy(rows), p).numpy()
 
     def _rating_sum(self, q: np.ndarray, b: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """mu + b + b_v[rows] + <q, V[rows]>, float32 with rows' shape (q [..., d] and b

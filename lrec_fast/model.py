@@ -10,6 +10,7 @@ biases t_b, with row-wise Adagrad accumulators) and each user's last ``history_l
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -102,56 +103,78 @@ def proj_slices(dim: int) -> dict[str, slice]:
 
 
 class SeenItems:
-    """The item rows each user row interacted with: a set per user (membership, growth) and a
-    sorted int64 array per user, built on first use and dropped when that user's set grows.
-    ``recommend`` excludes the arrays: concatenating them for 64 users takes about 1/20 of the
-    time of iterating the same Python sets (0.29 ms at ~100 items per user)."""
+    """The item rows each user row interacted with, and the latest rating of each: a dict per
+    user (membership, growth) and sorted arrays per user (item rows int64, ratings float32),
+    built on first use and dropped when that user's dict changes. ``recommend`` excludes the
+    item arrays: concatenating them for 64 users takes about 1/20 of the time of iterating the
+    same Python sets (0.29 ms at ~100 items per user); the neighbourhood correction reads both.
+    A rating is NaN where it is unknown (checkpoints from before ratings were kept)."""
 
-    def __init__(self, sets: Iterable[set[int]] = ()) -> None:
-        self._sets: list[set[int]] = list(sets)
-        self._arrays: dict[int, np.ndarray] = {}
+    def __init__(self, rated: Iterable[dict[int, float]] = ()) -> None:
+        self._rated: list[dict[int, float]] = list(rated)
+        self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @classmethod
-    def from_csr(cls, indptr: Sequence[int], indices: Sequence[int]) -> SeenItems:
-        return cls(set(indices[indptr[i] : indptr[i + 1]]) for i in range(len(indptr) - 1))
+    def from_csr(cls, indptr: Sequence[int], indices: Sequence[int],
+                 ratings: Sequence[float] | None = None) -> SeenItems:  # fmt: skip
+        r = [math.nan] * len(indices) if ratings is None else ratings
+        return cls(dict(zip(indices[indptr[i] : indptr[i + 1]], r[indptr[i] : indptr[i + 1]],
+                            strict=True)) for i in range(len(indptr) - 1))  # fmt: skip
 
     def __len__(self) -> int:
-        return len(self._sets)
+        return len(self._rated)
 
     def __getitem__(self, user: int) -> AbstractSet[int]:
         """User row ``user``'s items (read only: grow it with ``add``)."""
-        return self._sets[user]
+        return self._rated[user].keys()
 
     def append_users(self, n: int) -> None:
-        self._sets.extend(set() for _ in range(n))
+        self._rated.extend({} for _ in range(n))
 
-    def add(self, users: Iterable[int], items: Iterable[int]) -> None:
-        """Record events (user row, item row), pairwise."""
-        for a, b in zip(users, items, strict=True):
-            s = self._sets[a]
-            if b not in s:
-                s.add(b)
+    def add(self, users: Iterable[int], items: Iterable[int], ratings: Iterable[float]) -> None:
+        """Record events (user row, item row, rating), in order: the latest rating counts."""
+        for a, b, r in zip(users, items, ratings, strict=True):
+            d = self._rated[a]
+            if d.get(b) != r:
+                d[b] = r
                 self._arrays.pop(a, None)
 
     def truncate(self, n: int) -> None:
         """Drop user rows n and above."""
-        del self._sets[n:]
+        del self._rated[n:]
         for a in [a for a in self._arrays if a >= n]:
             del self._arrays[a]
 
-    def sorted(self, user: int) -> np.ndarray:
-        """User row ``user``'s items, sorted int64 [m] (cached; do not modify)."""
+    def _sorted(self, user: int) -> tuple[np.ndarray, np.ndarray]:
         arr = self._arrays.get(user)
         if arr is None:
-            arr = self._arrays[user] = np.array(sorted(self._sets[user]), dtype=np.int64)
+            d = self._rated[user]
+            items = np.array(sorted(d), dtype=np.int64)
+            ratings = np.array([d[x] for x in items.tolist()], dtype=np.float32)
+            arr = self._arrays[user] = (items, ratings)
         return arr
 
-    def csr(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every user's sorted items as (indptr int64 [n_users + 1], indices int64)."""
-        indptr = np.zeros(len(self._sets) + 1, dtype=np.int64)
-        indptr[1:] = np.cumsum([len(s) for s in self._sets])
-        rows = [self.sorted(a) for a in range(len(self._sets))]
-        return indptr, np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    def sorted(self, user: int) -> np.ndarray:
+        """User row ``user``'s items, sorted int64 [m] (cached; do not modify)."""
+        return self._sorted(user)[0]
+
+    def history(self, user: int) -> tuple[np.ndarray, np.ndarray]:
+        """(``sorted``, ``ratings``) of user row ``user``."""
+        return self._sorted(user)
+
+    def ratings(self, user: int) -> np.ndarray:
+        """Their latest ratings, float32 [m], in the order of ``sorted`` (cached)."""
+        return self._sorted(user)[1]
+
+    def csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every user's sorted items and their ratings as (indptr int64 [n_users + 1], item
+        rows int64, ratings float32)."""
+        indptr = np.zeros(len(self._rated) + 1, dtype=np.int64)
+        indptr[1:] = np.cumsum([len(s) for s in self._rated])
+        rows = [self._sorted(a) for a in range(len(self._rated))]
+        if not rows:
+            return indptr, np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return indptr, np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
 
 
 @dataclass
@@ -227,6 +250,13 @@ class ModelState:
     refit_stats: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
     refit_seconds: float = field(default=0.0, compare=False)  # its time (not checkpointed)
     refit_order: Any = field(default=None, repr=False, compare=False)  # (key, pass, n, order)
+    # Neighbourhood correction (neighbours.py), as of its last recompute: each item's most
+    # similar items (rows int64 [n, size], -1 pad; sims float32), the baseline's item biases
+    # (float32 [n]) and mean (float64 [1]); n = the catalogue then (later items: none, bias 0).
+    knn_rows: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.int64))
+    knn_sims: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
+    knn_bias: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    knn_mu: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.float64))
     # Random source of the learner (row initialisation, sampled negatives, shuffles), saved
     # with the checkpoint so a reloaded model continues exactly as the original would.
     rng: torch.Generator = field(default_factory=torch.Generator, repr=False, compare=False)
@@ -378,7 +408,7 @@ class ModelState:
             "proposal_cdf": p.cdf, "proposal_logq": p.logq,
             "proposal_steps": torch.tensor([p.steps], dtype=torch.int64),
         }  # fmt: skip
-        indptr, flat = self.seen.csr()
+        indptr, flat, rated = self.seen.csr()
         return {
             "user_rows": self.user_rows.t, "item_rows": self.item_rows.t,
             "user_bias": self.user_bias.t, "item_bias": self.item_bias.t,
@@ -399,7 +429,9 @@ class ModelState:
             "since_consolidation": self.since_consolidation, "rng_state": self.rng.get_state(),
             "scales": self.scales, "mu": self.mu, "proj": self.proj,
             "seen_indptr": torch.from_numpy(indptr),
-            "seen_indices": torch.from_numpy(flat),
+            "seen_indices": torch.from_numpy(flat), "seen_ratings": torch.from_numpy(rated),
+            "knn_rows": self.knn_rows, "knn_sims": self.knn_sims, "knn_bias": self.knn_bias,
+            "knn_mu": self.knn_mu,
         } | proposal  # fmt: skip
 
     ROW_TABLES = ("user_rows", "item_rows", "user_bias", "item_bias", "item_text", "item_count",
@@ -453,7 +485,13 @@ class ModelState:
         self.mu = t["mu"].clone().to(torch.float64)
         self.proj = t["proj"].clone()
         ptr, idx = t["seen_indptr"].tolist(), t["seen_indices"].tolist()
-        self.seen = SeenItems.from_csr(ptr, idx)
+        rated = t["seen_ratings"].tolist() if "seen_ratings" in t else None
+        self.seen = SeenItems.from_csr(ptr, idx, rated)
+        # checkpoints before the neighbourhood correction: none computed
+        self.knn_rows = t.get("knn_rows", torch.zeros(0, 0, dtype=torch.int64)).clone()
+        self.knn_sims = t.get("knn_sims", torch.zeros(0, 0)).clone()
+        self.knn_bias = t.get("knn_bias", torch.zeros(0)).clone()
+        self.knn_mu = t.get("knn_mu", torch.zeros(1, dtype=torch.float64)).clone()
 
     def snapshot(self) -> dict[str, Any]:
         """A deep copy to roll back to (tensors plus id maps)."""
@@ -565,4 +603,12 @@ def load_state(directory: str | Path) -> tuple[ModelState, dict[str, Any]]:
         and state.log_dropped.shape == (1,) and int(state.log_dropped) >= 0
     ):  # fmt: skip
         raise ValueError(f"{folder}: the running refit's record is malformed")
+    kr = state.knn_rows
+    if not (
+        kr.dim() == 2 and state.knn_sims.shape == kr.shape and kr.shape[0] <= len(state.items)
+        and state.knn_bias.shape == (kr.shape[0],) and state.knn_mu.shape == (1,)
+        and (kr.numel() == 0 or (int(kr.min()) >= -1 and int(kr.max()) < kr.shape[0]))
+        and bool(torch.isfinite(state.knn_sims).all() and torch.isfinite(state.knn_bias).all())
+    ):  # fmt: skip
+        raise ValueError(f"{folder}: the item neighbours do not fit the catalogue")
     return state, meta["config"]

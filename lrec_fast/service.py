@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import consolidation, kernels, online, ranking
+from . import consolidation, kernels, neighbours, online, ranking
 from .consolidation import ConsolidationReport, RefitReport
 from .kernels.reference import SCALE_ITEM, SCALE_USER, SCALE_USER_BIAS
 from .model import Id, ModelState, load_state, save_state
@@ -302,8 +302,9 @@ class Recommender:
             except BaseException:
                 self.state.restore(snap)
                 raise
-            self.state.seen.add(ui.tolist(), ii.tolist())
+            self.state.seen.add(ui.tolist(), ii.tolist(), r.tolist())
             self.state.log((ui, ii, r), self.config.refit_log_size)
+            neighbours.recompute(self.state, self.config, self.backend)
             log.info("fit: %d epochs, best %d", report.epochs, report.best_epoch)
             return report
 
@@ -374,7 +375,7 @@ class Recommender:
             st.since_consolidation += n
             st.log((ui, ii, r), cfg.refit_log_size)
             st.since_refit += n
-            self.state.seen.add(ui.tolist(), ii.tolist())
+            self.state.seen.add(ui.tolist(), ii.tolist(), r.tolist())
             if 0 < cfg.consolidate_every <= int(st.since_consolidation):
                 self.consolidate()
             if cfg.refit_every > 0 and consolidation.refit_running(st):
@@ -389,6 +390,7 @@ class Recommender:
                                              self.rating_range)  # fmt: skip
         if report is not None:
             self._refresh_text_priors()
+            neighbours.recompute(self.state, self.config, self.backend)
             self.last_refit = report
             log.info("refit: %s", report)
         return report
@@ -459,10 +461,19 @@ class Recommender:
         ``item_ids`` order). For evaluation; serving uses ``recommend``."""
         ids = _as_ids(user_ids, "user_ids")
         with self._lock:
-            q, b, _ = self._queries(ids)
+            q, b, idx = self._queries(ids)
             v = self.state.true_item_rows()
             s = q @ v.T + self.state.true_item_bias()[None, :] + b[:, None] + float(self.state.mu)
-            return s.numpy()
+            n = v.shape[0]
+            users = torch.tensor(idx, dtype=torch.int64).repeat_interleave(n)
+            items = torch.arange(n).repeat(len(idx))
+            return self._blended(users, items, s.reshape(-1)).view(s.shape).numpy()
+
+    def _blended(self, users: torch.Tensor, items: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """The factor model's ratings ``p`` [E] with the neighbourhood correction blended in."""
+        nb = neighbours.Neighbours.of(self.state, self.config)
+        return neighbours.blend(nb, self.state.seen.history, users, items, p, self.rating_range,
+                                self.backend)  # fmt: skip
 
     def _ranking(self, ids: list[Id]) -> tuple[torch.Tensor, torch.Tensor, float,
                                                tuple[torch.Tensor, torch.Tensor], torch.Tensor,
@@ -564,9 +575,14 @@ class Recommender:
         """``kernels.rerank_mf`` of candidates [B, m] for user rows [B] with this model's
         rating tables and settings: (scores, top, shift)."""
         st, cfg = self.state, self.config
+        knn = None
+        if cfg.rerank_weight:  # re-rank by the rating predict() gives
+            knn = neighbours.for_rerank(neighbours.Neighbours.of(st, cfg), st.seen.history,
+                                        users, top, cfg.rerank_depth, self.rating_range,
+                                        self.backend)  # fmt: skip
         return kernels.rerank_mf(scores, top, users, st.user_rows.t, st.item_rows.t,
                                  st.user_bias.t, st.item_bias.t, st.scales, st.mu,
-                                 cfg.rerank_weight, cfg.rerank_depth,
+                                 cfg.rerank_weight, cfg.rerank_depth, knn,
                                  backend=self.backend)  # fmt: skip
 
     def predict(
@@ -581,10 +597,11 @@ class Recommender:
             missing = [j for j in i if j not in self.state.items]
             if missing:
                 raise ValueError(f"unknown items: {missing[:5]}")
-            q, b, _ = self._queries(u)
+            q, b, idx = self._queries(u)
             ii = torch.tensor([self.state.items.index[j] for j in i], dtype=torch.int64)
             v = self.state.true_item_rows()[ii]
             p = (q * v).sum(1) + self.state.true_item_bias()[ii] + b + float(self.state.mu)
+            p = self._blended(torch.tensor(idx, dtype=torch.int64), ii, p)
             return p.numpy().astype(np.float32)
 
     # -- persistence -------------------------------------------------------------------------
@@ -611,6 +628,7 @@ class Recommender:
         # written before the user gain existed: it learned at one rate, and goes on so
         learner.setdefault("user_gain", 1.0)
         learner.setdefault("refit_every", 0)  # ... and before the refit: none, as it was
+        learner.setdefault("knn_weight", 0.0)  # ... and before the neighbourhood correction
         lr, wd = learner.pop("lr"), learner.pop("weight_decay")
         rec = cls(state.dim, lr, wd, backend, encoder=cfg["encoder"],
                   rating_range=tuple(cfg["rating_range"]), cache_dir=cache_dir,

@@ -17,6 +17,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from lrec_fast import Recommender
+from lrec_fast import neighbours as knn
 from lrec_fast.cli import main as cli_main
 from lrec_fast.export import (
     ENCODER_FILE,
@@ -149,8 +150,16 @@ def test_add_items_through_the_onnx_encoder(trained, deployed, torch_encoder, pr
     sl = trained.state.proj_slices()
     users = list(trained.state.users.ids)[:50]
     q, b, _ = trained._queries(users)
-    want = (q @ out[:, sl["item_rows"]].T + out[:, sl["item_bias"]].T + b[:, None]
-            + float(trained.state.mu)).numpy()  # fmt: skip
+    want = q @ out[:, sl["item_rows"]].T + out[:, sl["item_bias"]].T + b[:, None]
+    want += float(trained.state.mu)
+    # blended with the neighbourhood prediction (no neighbours yet: the user's baseline)
+    nb = knn.Neighbours.of(trained.state, trained.config)
+    rows = torch.tensor([trained.state.users.index[u] for u in users])
+    for c in range(len(ids)):
+        new_row = torch.full((len(users),), n + c)
+        want[:, c] = knn.blend(nb, trained.state.seen.history, rows, new_row, want[:, c],
+                                      trained.rating_range, "torch")  # fmt: skip
+    want = want.numpy()
     got = np.stack([dep.predict(users, [j] * len(users)) for j in ids], axis=1)
     np.testing.assert_allclose(got, want, atol=1e-3 if precision == "fp32" else 0.1)
     # and the same ranking scores: the ranking head's text prior

@@ -83,12 +83,10 @@ def test_a_refit_in_slices_is_bit_for_bit_a_whole_one(stream):
     kw = dict(n=300, refit_every=0, refit_log_size=650, refit_epochs=2)
     whole, sliced = streamed(stream, **kw), streamed(stream, **kw)
     report = whole.refit()
-    st, cfg = sliced.state, sliced.config
-    consolidation.refit_start(st, cfg)
+    consolidation.refit_start(sliced.state, sliced.config)
     calls = 0
-    while (got := consolidation.refit_advance(st, 200, cfg, sliced.backend)) is None:
+    while (got := sliced._advance_refit(200)) is None:  # as feedback steps it
         calls += 1
-    sliced._refresh_text_priors()
     assert calls == 6 and (got.events, got.epochs) == (report.events, report.epochs) == (650, 2)
     a, b = state_bits(whole), state_bits(sliced)
     del a["t"]["refit_stats"], b["t"]["refit_stats"]  # sums in another order

@@ -42,10 +42,12 @@ def test_fit_recommend_predict(fitted, stream):
     shifted = fitted.rank_all([0])[0][cols]
     np.testing.assert_allclose(shifted - shifted[0], scores[0] - scores[0][0], rtol=1e-5,
                                atol=1e-5)  # fmt: skip
-    # rank_by="rating": the predicted ratings plus the prior
+    # rank_by="rating": the factor model's predicted ratings plus the prior (the fused scan
+    # over the catalogue; the neighbourhood correction is per user and item)
     fitted.config.rank_by = "rating"
     try:
         items, scores = fitted.recommend([0], k=5)
+        fitted.config.knn_weight = 0.0
         p = fitted.predict([0] * 5, items[0].tolist())
         cols = [st.items.index[j] for j in items[0].tolist()]
         prior = fitted.config.prior_weight * np.log1p(st.recent_counts().numpy()[cols])
@@ -154,18 +156,25 @@ def test_recommend_excludes_what_feedback_just_added(fitted):
     assert top[2] not in fitted.recommend(["newcomer"], k=80)[0][0].tolist()
 
 
-def test_seen_items_sets_arrays_and_csr():
+def test_seen_items_ratings_arrays_and_csr():
     seen = SeenItems()
     seen.append_users(3)
-    seen.add([0, 2, 0, 0], [7, 1, 3, 7])  # a duplicate event
+    seen.add([0, 2, 0, 0], [7, 1, 3, 7], [2.0, 4.0, 5.0, 3.0])  # a duplicate: the latest counts
     assert seen.sorted(0).tolist() == [3, 7] and seen.sorted(1).tolist() == []
+    assert seen.ratings(0).tolist() == [5.0, 3.0] and seen.ratings(0).dtype == np.float32
     assert seen.sorted(0) is seen.sorted(0)  # cached ...
-    seen.add([0], [5])
-    assert seen.sorted(0).tolist() == [3, 5, 7]  # ... until the set grows
-    ptr, idx = seen.csr()
+    seen.add([0], [5], [1.0])
+    assert seen.sorted(0).tolist() == [3, 5, 7]  # ... until the user's items change
+    seen.add([0], [3], [4.0])  # a new rating of a known item
+    assert seen.ratings(0).tolist() == [4.0, 1.0, 3.0]
+    ptr, idx, rated = seen.csr()
     assert ptr.tolist() == [0, 3, 3, 4] and idx.tolist() == [3, 5, 7, 1]
-    back = SeenItems.from_csr(ptr.tolist(), idx.tolist())
+    assert rated.tolist() == [4.0, 1.0, 3.0, 4.0]
+    back = SeenItems.from_csr(ptr.tolist(), idx.tolist(), rated.tolist())
     assert [set(back[a]) for a in range(3)] == [{3, 5, 7}, set(), {1}]
+    assert back.ratings(0).tolist() == [4.0, 1.0, 3.0]
+    old = SeenItems.from_csr(ptr.tolist(), idx.tolist())  # checkpoints without ratings
+    assert np.isnan(old.ratings(0)).all() and old.sorted(0).tolist() == [3, 5, 7]
     seen.truncate(1)
     assert len(seen) == 1 and seen.csr()[1].tolist() == [3, 5, 7]
     seen.append_users(1)

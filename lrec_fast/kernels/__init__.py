@@ -9,7 +9,8 @@ Backend contract (the same for every hot path):
 - ``torch`` (``reference.py``) is always there and is the truth the others are tested against.
 
 Hot paths: ``score_topk`` (recommend), ``mf_sgd_step`` / ``mf_adagrad_step`` (the rating
-update), ``advance_histories`` and ``softmax_step`` (the ranking head's update).
+update), ``advance_histories`` and ``softmax_step`` (the ranking head's update),
+``item_neighbours`` and ``knn_predict`` (the neighbourhood correction of predicted ratings).
 
 Implemented: triton (``triton_score.py``, ``triton_update.py``; runs CUDA tensors, or CPU
 tensors under ``TRITON_INTERPRET=1``, which is only for tests and never chosen automatically),
@@ -72,6 +73,9 @@ def _load(name: str) -> Backend:
             advance_histories=reference.advance_histories,
             softmax_step=reference.softmax_step,
             rerank_mf=reference.rerank_mf,  # 30 candidates per query: no kernel launch pays
+            # the neighbourhood correction runs on the CPU tables (neighbours.py)
+            item_neighbours=reference.item_neighbours,
+            knn_predict=reference.knn_predict,
         ))  # fmt: skip
     raise BackendUnavailable(f"unknown backend {name!r}; choose from {', '.join(PRIORITY)}")
 
@@ -131,12 +135,25 @@ def rerank_mf(scores, top, users, user_rows, *args, backend=None, **kwargs):  # 
     return impl.rerank_mf(scores, top, users, user_rows, *args, **kwargs)
 
 
+def item_neighbours(users, items, residuals, n_items, size, shrink, *, backend=None):  # type: ignore[no-untyped-def]
+    """Dispatching ``item_neighbours``; see ``reference.item_neighbours``."""
+    impl = resolve_backend(backend, users.device).module
+    return impl.item_neighbours(users, items, residuals, n_items, size, shrink)
+
+
+def knn_predict(*args, backend: str | None = None, **kwargs):  # type: ignore[no-untyped-def]
+    """Dispatching item-kNN prediction; see ``reference.knn_predict``."""
+    return resolve_backend(backend, args[0].device).module.knn_predict(*args, **kwargs)
+
+
 __all__ = [
     "PRIORITY",
     "Backend",
     "BackendUnavailable",
     "advance_histories",
     "available_backends",
+    "item_neighbours",
+    "knn_predict",
     "mf_adagrad_step",
     "mf_sgd_step",
     "reference",

@@ -538,11 +538,12 @@ def _rerank_rows(
     scores: np.ndarray, top: np.ndarray, users: np.ndarray, urows: np.ndarray,
     irows: np.ndarray, ubias: np.ndarray, ibias: np.ndarray, s_dot: np.float32,
     s_bu: np.float32, s_bv: np.float32, mu: np.float32, weight: np.float32, depth: int,
-    shift: np.ndarray,
+    shift: np.ndarray, knn_val: np.ndarray, knn_has: np.ndarray, knn_w: np.float32,
 ) -> None:  # fmt: skip
     """``reference.rerank_mf`` in place on scores [B, m] / top [B, m]: per query, the blended
-    score of its first ``depth`` candidates (one dot product each), an insertion sort of
-    them (depth is small: 30 by default), and the shift of the rest."""
+    score of its first ``depth`` candidates (one dot product each, and the neighbourhood
+    prediction blended in where ``knn_has`` [B, depth]), an insertion sort of them (depth is
+    small: 30 by default), and the shift of the rest."""
     nb, m = top.shape
     d = urows.shape[1]
     bl = np.empty(depth, np.float32)
@@ -563,6 +564,8 @@ def _rerank_rows(
             for t in range(d):
                 acc += urows[u, t] * irows[j, t]
             pred = (mu + ubias[u] * s_bu + ibias[j] * s_bv) + acc * s_dot
+            if knn_has[b, c]:
+                pred = (np.float32(1.0) - knn_w) * pred + knn_w * knn_val[b, c]
             bl[c] = scores[b, c] + weight * pred
             low = min(low, bl[c])
             any_valid = True
@@ -586,12 +589,18 @@ def rerank_mf(
     scores: torch.Tensor, top: torch.Tensor, users: torch.Tensor, user_rows: torch.Tensor,
     item_rows: torch.Tensor, user_bias: torch.Tensor, item_bias: torch.Tensor,
     scales: torch.Tensor, mu: torch.Tensor, weight: float, depth: int,
+    knn: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``reference.rerank_mf`` in one compiled pass (no per-call torch sorts or gathers)."""
     depth = min(depth, top.shape[1])
     shift = torch.zeros(top.shape[0])
     if weight == 0 or depth == 0 or top.shape[0] == 0:
         return scores, top, shift
+    if knn is None:
+        knn_has = np.zeros((top.shape[0], depth), np.bool_)
+        knn_val, knn_w = np.zeros((top.shape[0], depth), np.float32), 0.0
+    else:
+        knn_val, knn_has, knn_w = _f32(knn[0]), knn[1].numpy(), knn[2]
     out_s = scores.detach().float().numpy().copy()
     out_t = top.numpy().astype(np.int64, copy=True)
     sc = scales.tolist()
@@ -599,7 +608,7 @@ def rerank_mf(
                  _f32(item_rows), _f32(user_bias), _f32(item_bias),
                  np.float32(sc[SCALE_USER] * sc[SCALE_ITEM]), np.float32(sc[SCALE_USER_BIAS]),
                  np.float32(sc[SCALE_ITEM_BIAS]), np.float32(float(mu)), np.float32(weight),
-                 depth, shift.numpy())  # fmt: skip
+                 depth, shift.numpy(), knn_val, knn_has, np.float32(knn_w))  # fmt: skip
     return torch.from_numpy(out_s), torch.from_numpy(out_t), shift
 
 
@@ -902,3 +911,142 @@ __all__ = [
     "score_topk",
     "softmax_step",
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# the item-neighbourhood correction
+
+
+@njit(cache=True, parallel=True)
+def _neighbour_rows(
+    i_ptr: np.ndarray, i_users: np.ndarray, i_res: np.ndarray, u_ptr: np.ndarray,
+    u_items: np.ndarray, u_res: np.ndarray, size: int, shrink: float, parts: int,
+    out_rows: np.ndarray, out_sims: np.ndarray,
+) -> None:  # fmt: skip
+    """Per item i (items split into ``parts`` contiguous parts, one buffer set each): walk its
+    raters' items once, summing the co-rater products into dense buffers (only the touched
+    entries are read back and reset), then keep the positive similarities, sorted."""
+    n_items = out_rows.shape[0]
+    for p in prange(parts):
+        num, a, b = np.zeros(n_items), np.zeros(n_items), np.zeros(n_items)
+        cnt = np.zeros(n_items, np.int64)
+        touched = np.empty(n_items, np.int64)
+        cand_s, cand_j = np.empty(n_items, np.float32), np.empty(n_items, np.int64)
+        for i in range(p * n_items // parts, (p + 1) * n_items // parts):
+            nt = 0
+            for q in range(i_ptr[i], i_ptr[i + 1]):
+                u, ei = i_users[q], i_res[q]
+                for t in range(u_ptr[u], u_ptr[u + 1]):
+                    j, ej = u_items[t], u_res[t]
+                    if cnt[j] == 0:
+                        touched[nt] = j
+                        nt += 1
+                    cnt[j] += 1
+                    num[j] += ei * ej
+                    a[j] += ei * ei
+                    b[j] += ej * ej
+            nc = 0
+            for t in range(nt):
+                j = touched[t]
+                ab = a[j] * b[j]
+                if j != i and ab > 0:
+                    sim = np.float32(num[j] / np.sqrt(ab) * cnt[j] / (cnt[j] + shrink))
+                    if sim > 0:
+                        cand_s[nc], cand_j[nc] = sim, j
+                        nc += 1
+                num[j] = a[j] = b[j] = 0.0
+                cnt[j] = 0
+            if nc:
+                by_row = np.argsort(cand_j[:nc])  # then a stable sort: ties keep the lower row
+                js, ss = cand_j[:nc][by_row], cand_s[:nc][by_row]
+                order = np.argsort(-ss, kind="mergesort")
+                for t in range(min(nc, out_rows.shape[1])):
+                    out_rows[i, t] = js[order[t]]
+                    out_sims[i, t] = ss[order[t]]
+
+
+def _csr(
+    major: np.ndarray, minor: np.ndarray, values: np.ndarray, n: int
+) -> tuple[np.ndarray, ...]:
+    order = np.argsort(major, kind="stable")
+    ptr = np.zeros(n + 1, np.int64)
+    np.cumsum(np.bincount(major, minlength=n), out=ptr[1:])
+    return ptr, minor[order], values[order]
+
+
+def item_neighbours(
+    users: torch.Tensor, items: torch.Tensor, residuals: torch.Tensor, n_items: int, size: int,
+    shrink: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``reference.item_neighbours`` without the dense matrices: O(sum over users of their
+    items squared) time, a few n_items buffers per thread."""
+    u, i = users.numpy().astype(np.int64), items.numpy().astype(np.int64)
+    e = residuals.double().numpy()
+    n_users = int(u.max()) + 1 if u.size else 0
+    i_ptr, i_users, i_res = _csr(i, u, e, n_items)
+    u_ptr, u_items, u_res = _csr(u, i, e, n_users)
+    rows = np.full((n_items, size), -1, np.int64)
+    sims = np.zeros((n_items, size), np.float32)
+    if n_items and size:
+        parts = min(n_items, 4 * numba.get_num_threads())
+        _neighbour_rows(i_ptr, i_users, i_res, u_ptr, u_items, u_res, size, float(shrink),
+                        parts, rows, sims)  # fmt: skip
+    return torch.from_numpy(rows), torch.from_numpy(sims)
+
+
+@njit(cache=True, parallel=True)
+def _knn_rows(
+    indptr: np.ndarray, hist_items: np.ndarray, hist_ratings: np.ndarray, slots: np.ndarray,
+    items: np.ndarray, nbr_rows: np.ndarray, nbr_sims: np.ndarray, item_bias: np.ndarray,
+    mu: float, user_reg: float, k: int, reg: float, lo: float, hi: float, out: np.ndarray,
+    has: np.ndarray,
+) -> None:  # fmt: skip
+    n_b = item_bias.shape[0]
+    for e in prange(items.shape[0]):
+        s, j = slots[e], items[e]
+        a0, a1 = indptr[s], indptr[s + 1]
+        if a1 == a0:
+            continue
+        hist = hist_items[a0:a1]
+        total = 0.0
+        for t in range(a0, a1):
+            h = hist_items[t]
+            total += hist_ratings[t] - mu - (item_bias[h] if h < n_b else 0.0)
+        b_a = total / (a1 - a0 + user_reg)
+        num = den = 0.0
+        used = 0
+        if j < nbr_rows.shape[0]:
+            for t in range(nbr_rows.shape[1]):
+                h = nbr_rows[j, t]
+                if used == k:
+                    break
+                if h < 0:
+                    continue
+                pos = np.searchsorted(hist, h)
+                if pos < a1 - a0 and hist[pos] == h:
+                    sim = np.float64(nbr_sims[j, t])
+                    b_h = item_bias[h] if h < n_b else 0.0
+                    num += sim * (hist_ratings[a0 + pos] - mu - b_a - b_h)
+                    den += sim
+                    used += 1
+        b_j = item_bias[j] if j < n_b else 0.0
+        out[e] = min(max(mu + b_a + b_j + num / (den + reg), lo), hi)
+        has[e] = True
+
+
+def knn_predict(
+    indptr: torch.Tensor, hist_items: torch.Tensor, hist_ratings: torch.Tensor,
+    slots: torch.Tensor, items: torch.Tensor, nbr_rows: torch.Tensor, nbr_sims: torch.Tensor,
+    item_bias: torch.Tensor, mu: float, user_reg: float, k: int, reg: float, lo: float,
+    hi: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``reference.knn_predict``, one compiled pass over the events."""
+    n = items.numel()
+    out, has = np.zeros(n, np.float32), np.zeros(n, np.bool_)
+    if n:
+        _knn_rows(indptr.numpy().astype(np.int64), hist_items.numpy().astype(np.int64),
+                  hist_ratings.double().numpy(), slots.numpy().astype(np.int64),
+                  items.numpy().astype(np.int64), nbr_rows.numpy().astype(np.int64),
+                  _f32(nbr_sims), item_bias.double().numpy(), float(mu), float(user_reg),
+                  int(k), float(reg), float(lo), float(hi), out, has)  # fmt: skip
+    return torch.from_numpy(out), torch.from_numpy(has)

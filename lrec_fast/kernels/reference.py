@@ -506,14 +506,101 @@ def rerank_mf(
     scores: torch.Tensor, top: torch.Tensor, users: torch.Tensor, user_rows: torch.Tensor,
     item_rows: torch.Tensor, user_bias: torch.Tensor, item_bias: torch.Tensor,
     scales: torch.Tensor, mu: torch.Tensor, weight: float, depth: int,
+    knn: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``rerank`` with the biased factorisation's predicted rating (``predict``) of query b's
-    user row ``users[b]`` (int64 [B]): what ``recommend`` re-ranks with. Returns new tensors
-    (scores, top, shift)."""
+    user row ``users[b]`` (int64 [B]): what ``recommend`` re-ranks with. ``knn``: the
+    neighbourhood predictions of the first min(depth, m) candidates (float32 [B, depth], has
+    bool [B, depth], weight w), blended in as (1 - w) x rating + w x prediction where has.
+    Returns new tensors (scores, top, shift)."""
 
     def rating(items: torch.Tensor) -> torch.Tensor:
         flat_users = users[:, None].expand_as(items).reshape(-1)
-        return predict(user_rows, item_rows, user_bias, item_bias, scales, mu, flat_users,
-                       items.reshape(-1)).view(items.shape)  # fmt: skip
+        r = predict(user_rows, item_rows, user_bias, item_bias, scales, mu, flat_users,
+                    items.reshape(-1)).view(items.shape)  # fmt: skip
+        if knn is not None:
+            r = torch.where(knn[1], (1 - knn[2]) * r + knn[2] * knn[0], r)
+        return r
 
     return rerank(scores, top, rating, weight, depth)
+
+
+# ---------------------------------------------------------------------------------------------
+# the item-neighbourhood correction (lrec_fast/neighbours.py)
+
+
+def item_neighbours(
+    users: torch.Tensor, items: torch.Tensor, residuals: torch.Tensor, n_items: int, size: int,
+    shrink: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Each item's ``size`` most similar items. Events: user rows, item rows (int64 [E], each
+    (user, item) pair at most once) and their baseline residuals e (float64 [E]). For items
+    i != j with co-raters C (users who rated both):
+        sim(i, j) = sum_C e_i e_j / sqrt(sum_C e_i^2 * sum_C e_j^2) * |C| / (|C| + shrink)
+    (0 where a sum of squares is 0), rounded to float32. Keeps the positive ones, most similar
+    first, ties by the lower item row; returns (rows int64 [n_items, size], padded with -1;
+    sims float32, 0 pad).
+    Dense here (n_items^2 memory): the readable truth the compiled kernel is tested against."""
+    n_users = int(users.max()) + 1 if users.numel() else 0
+    x = torch.zeros(n_users, n_items, dtype=torch.float64)
+    b = torch.zeros(n_users, n_items, dtype=torch.float64)
+    x[users, items] = residuals.double()
+    b[users, items] = 1.0
+    num, count, sq = x.T @ x, b.T @ b, (x * x).T @ b  # sq[i, j]: sum over C of e_i^2
+    den = torch.sqrt(sq * sq.T)
+    sim = torch.where(den > 0, num / den.clamp_min(1e-300), 0.0) * count / (count + shrink)
+    sim = sim.fill_diagonal_(0.0).float()  # ordered in float32: equal sums (one co-rater) tie
+    order = torch.sort(-sim, dim=1, stable=True).indices[:, :size]
+    top = torch.gather(sim, 1, order)
+    keep = top > 0
+    rows = torch.full((n_items, size), -1, dtype=torch.int64)
+    sims = torch.zeros(n_items, size, dtype=torch.float32)
+    w = order.shape[1]
+    rows[:, :w] = torch.where(keep, order, -1)
+    sims[:, :w] = torch.where(keep, top, 0.0)
+    return rows, sims
+
+
+def knn_predict(
+    indptr: torch.Tensor, hist_items: torch.Tensor, hist_ratings: torch.Tensor,
+    slots: torch.Tensor, items: torch.Tensor, nbr_rows: torch.Tensor, nbr_sims: torch.Tensor,
+    item_bias: torch.Tensor, mu: float, user_reg: float, k: int, reg: float, lo: float,
+    hi: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Item-kNN predicted ratings of events (history ``slots[e]``, item row ``items[e]``).
+    History s: sorted item rows ``hist_items[indptr[s]:indptr[s+1]]`` with their ratings.
+    With b_h = ``item_bias[h]`` (0 past its end) and the user's bias from their history,
+    b_a = sum_h (r_h - mu - b_h) / (n + user_reg), the prediction is
+        clip(mu + b_a + b_j + sum_N s_jh (r_h - mu - b_a - b_h) / (sum_N s_jh + reg), lo, hi)
+    over N = the first k of item j's neighbours (``nbr_rows[j]``, most similar first; none
+    past the table's end) that the user rated. Returns (float32 [E], has [E] bool: False for
+    an empty history, whose value is 0)."""
+    out = torch.zeros(items.numel(), dtype=torch.float32)
+    has = torch.zeros(items.numel(), dtype=torch.bool)
+    n_b = item_bias.numel()
+
+    def bias(rows: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(rows.numel(), dtype=torch.float64)
+        inside = rows < n_b
+        out[inside] = item_bias.double()[rows[inside]]
+        return out
+
+    for e in range(items.numel()):
+        s, j = int(slots[e]), int(items[e])
+        h = hist_items[int(indptr[s]) : int(indptr[s + 1])]
+        if h.numel() == 0:
+            continue
+        r = hist_ratings[int(indptr[s]) : int(indptr[s + 1])].double()
+        b_a = float((r - mu - bias(h)).sum()) / (h.numel() + user_reg)
+        num = den = 0.0
+        if j < nbr_rows.shape[0]:
+            nbrs, sims = nbr_rows[j], nbr_sims[j].double()
+            rated = (nbrs >= 0) & torch.isin(nbrs, h)
+            pick = torch.nonzero(rated).flatten()[:k]
+            where = torch.searchsorted(h, nbrs[pick])
+            num = float((sims[pick] * (r[where] - mu - b_a - bias(nbrs[pick]))).sum())
+            den = float(sims[pick].sum())
+        b_j = float(bias(torch.tensor([j]))[0])
+        out[e] = min(max(mu + b_a + b_j + num / (den + reg), lo), hi)
+        has[e] = True
+    return out, has

@@ -1,0 +1,174 @@
+"""The item-neighbourhood correction of predicted ratings: item-based kNN on baseline
+residuals (the classic neighbourhood model), blended with the factor model's prediction.
+
+The factor model learns a user's taste through a row that a single stream pass moves a little
+per event; a neighbourhood model reads the user's own ratings directly: "you rated these
+similar films 1 above what the baseline expected". It is strongest exactly where the stream
+is weakest, for users with tens of ratings, and it takes each new rating in at once (the
+user's ratings are read when predicting). Recomputed (``recompute``) at the end of the warm-up
+fit and of each refit, from every user's latest rating of each item:
+
+1. a baseline mu + b_u + b_i: the mean, then ``BASELINE_ROUNDS`` alternating ridge solves of
+   the item biases (``knn_item_reg``) and user biases (``knn_user_reg``);
+2. residuals e = r - baseline, and per item pair the shrunk correlation over co-raters
+   (``kernels.item_neighbours``); each item keeps its ``knn_size`` most similar items.
+
+A prediction for a user with ratings (``kernels.knn_predict``) takes the user's bias from all
+their ratings now (new ratings count at once), and corrects the baseline by the similarity-
+weighted residuals of the first ``knn_k`` of the item's neighbours the user rated; the result
+(clipped to the rating range) is blended in at ``knn_weight``:
+    predicted = (1 - knn_weight) x factor model + knn_weight x neighbourhood.
+Users with no rating get the factor model's prediction alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from . import kernels
+
+if TYPE_CHECKING:
+    from .model import ModelState
+    from .online import LearnerConfig
+
+BASELINE_ROUNDS = 10
+
+
+def _rated(state: ModelState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every known (user row, item row, latest rating), unknown ratings left out."""
+    indptr, items, ratings = state.seen.csr()
+    users = np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
+    keep = np.isfinite(ratings)
+    return (torch.from_numpy(users[keep]), torch.from_numpy(items[keep]),
+            torch.from_numpy(ratings[keep]).double())  # fmt: skip
+
+
+def baseline(
+    users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor, n_users: int, n_items: int,
+    cfg: LearnerConfig,
+) -> tuple[float, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(mu, user biases float64 [n_users], item biases float64 [n_items]) of the ridge baseline
+    (module doc, step 1)."""
+    mu = float(ratings.mean()) if ratings.numel() else 0.0
+    n_u = torch.zeros(n_users, dtype=torch.float64).index_add_(0, users, torch.ones_like(ratings))
+    n_i = torch.zeros(n_items, dtype=torch.float64).index_add_(0, items, torch.ones_like(ratings))
+    b_u, b_i = torch.zeros(n_users, dtype=torch.float64), torch.zeros(n_items, dtype=torch.float64)
+    for _ in range(BASELINE_ROUNDS):
+        b_i = torch.zeros_like(b_i).index_add_(0, items, ratings - mu - b_u[users])
+        b_i /= n_i + cfg.knn_item_reg
+        b_u = torch.zeros_like(b_u).index_add_(0, users, ratings - mu - b_i[items])
+        b_u /= n_u + cfg.knn_user_reg
+    return mu, b_u, b_i
+
+
+def recompute(state: ModelState, cfg: LearnerConfig, backend: str) -> None:
+    """Recompute the baseline and every item's neighbours from the users' ratings (module doc);
+    nothing when the correction is off (``knn_weight`` 0) or no rating is known."""
+    if cfg.knn_weight == 0:
+        return
+    users, items, ratings = _rated(state)
+    if ratings.numel() == 0:
+        return
+    n_items = len(state.items)
+    mu, b_u, b_i = baseline(users, items, ratings, len(state.users), n_items, cfg)
+    residuals = ratings - mu - b_u[users] - b_i[items]
+    rows, sims = kernels.item_neighbours(users, items, residuals, n_items, cfg.knn_size,
+                                         cfg.knn_shrink, backend=backend)  # fmt: skip
+    state.knn_rows, state.knn_sims = rows, sims
+    state.knn_bias, state.knn_mu = b_i.float(), torch.tensor([mu], dtype=torch.float64)
+
+
+History = Callable[[int], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """What a neighbourhood prediction reads besides the user's ratings: the tables of the
+    last recompute (``ModelState.knn_*``) and the settings (``LearnerConfig.knn_*``)."""
+
+    rows: torch.Tensor
+    sims: torch.Tensor
+    bias: torch.Tensor
+    mu: float
+    weight: float
+    user_reg: float
+    k: int
+    reg: float
+
+    @classmethod
+    def of(cls, state: ModelState, cfg: LearnerConfig) -> Neighbours | None:
+        """The model's, or None when the correction is off or has not been computed."""
+        if cfg.knn_weight == 0 or state.knn_rows.shape[0] == 0:
+            return None
+        return cls(state.knn_rows, state.knn_sims, state.knn_bias, float(state.knn_mu),
+                   cfg.knn_weight, cfg.knn_user_reg, cfg.knn_k, cfg.knn_reg)  # fmt: skip
+
+
+def predict(
+    nb: Neighbours, history: History, users: torch.Tensor, items: torch.Tensor,
+    clip: tuple[float, float], backend: str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The neighbourhood predictions of user rows ``users`` (-1: unknown) and item rows
+    ``items`` [E]: (float32 [E], has bool [E]: the user has ratings). ``history(a)``: user
+    row a's rated item rows (sorted int64) and their ratings (float32; NaN = unknown, left
+    out)."""
+    distinct, slots = torch.unique(users, return_inverse=True)
+    hist_items, hist_ratings = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+    sizes = []
+    for a in distinct.tolist():
+        h, r = history(a) if a >= 0 else (hist_items[0], hist_ratings[0])
+        if not np.isfinite(r).all():
+            h, r = h[np.isfinite(r)], r[np.isfinite(r)]
+        hist_items.append(h)
+        hist_ratings.append(r)
+        sizes.append(len(h))
+    indptr = torch.zeros(len(sizes) + 1, dtype=torch.int64)
+    indptr[1:] = torch.cumsum(torch.tensor(sizes, dtype=torch.int64), 0)
+    return kernels.knn_predict(
+        indptr, torch.from_numpy(np.concatenate(hist_items)),
+        torch.from_numpy(np.concatenate(hist_ratings)), slots, items, nb.rows, nb.sims,
+        nb.bias, nb.mu, nb.user_reg, nb.k, nb.reg, clip[0], clip[1], backend=backend,
+    )  # fmt: skip
+
+
+def blend(
+    nb: Neighbours | None, history: History, users: torch.Tensor, items: torch.Tensor,
+    predicted: torch.Tensor, clip: tuple[float, float], backend: str | None,
+) -> torch.Tensor:  # fmt: skip
+    """The factor model's ``predicted`` ratings (float32 [E]) of user rows ``users`` (-1:
+    unknown) and item rows ``items``, blended with the neighbourhood prediction where the user
+    has ratings (module doc); ``predicted`` itself without ``nb``."""
+    if nb is None or items.numel() == 0:
+        return predicted
+    knn, has = predict(nb, history, users, items, clip, backend)
+    return torch.where(has, (1 - nb.weight) * predicted + nb.weight * knn, predicted)
+
+
+def for_rerank(
+    nb: Neighbours | None, history: History, users: torch.Tensor, top: torch.Tensor,
+    depth: int, clip: tuple[float, float], backend: str | None,
+) -> tuple[torch.Tensor, torch.Tensor, float] | None:  # fmt: skip
+    """``kernels.rerank_mf``'s ``knn`` argument for candidates ``top`` [B, m] of user rows
+    ``users`` [B]: the predictions of the first ``depth`` (None without ``nb``)."""
+    cand = top[:, :depth]
+    if nb is None or cand.numel() == 0:
+        return None
+    flat_users = users[:, None].expand_as(cand).reshape(-1)
+    knn, has = predict(nb, history, flat_users, cand.clamp_min(0).reshape(-1), clip, backend)
+    return knn.view(cand.shape), has.view(cand.shape) & (cand >= 0), nb.weight
+
+
+def check_config(cfg: LearnerConfig) -> None:
+    """ValueError unless the correction's settings are usable."""
+    reals = (cfg.knn_weight, cfg.knn_shrink, cfg.knn_reg, cfg.knn_user_reg, cfg.knn_item_reg)
+    if not all(math.isfinite(x) and x >= 0 for x in reals) or cfg.knn_weight > 1:
+        raise ValueError("knn_weight must be in [0, 1]; knn_shrink, knn_reg, knn_user_reg and "
+                         "knn_item_reg finite and >= 0")  # fmt: skip
+    if cfg.knn_size < 0 or cfg.knn_k < 0:
+        raise ValueError("knn_size and knn_k must be >= 0")
