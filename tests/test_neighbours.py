@@ -75,6 +75,13 @@ def test_item_neighbours_edges(backend):
     rows, sims = kernels.item_neighbours(users, items, res, 5, 3, 0.0, backend=backend)
     assert rows[0].tolist() == [1, 2, -1] and sims[0, 0] == sims[0, 1] > 0
     assert rows[3].tolist() == [-1] * 3 and rows[4].tolist() == [-1] * 3  # alone / unrated
+    # one user rated ten items: every pair ties at 1 / (1 + shrink); the cut keeps the lowest
+    items = torch.arange(10)
+    res = torch.linspace(0.5, 2.0, 10, dtype=torch.float64)
+    rows, sims = kernels.item_neighbours(torch.zeros(10, dtype=torch.int64), items, res, 10, 3,
+                                         1.0, backend=backend)  # fmt: skip
+    assert rows[0].tolist() == [1, 2, 3] and rows[5].tolist() == [0, 1, 2]
+    assert torch.all(sims == 0.5)
     empty = torch.zeros(0, dtype=torch.int64)
     rows, sims = kernels.item_neighbours(empty, empty, torch.zeros(0, dtype=torch.float64), 4,
                                          2, 1.0, backend=backend)  # fmt: skip

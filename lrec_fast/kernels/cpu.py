@@ -928,39 +928,59 @@ def _neighbour_rows(
     entries are read back and reset), then keep the positive similarities, sorted."""
     n_items = out_rows.shape[0]
     for p in prange(parts):
-        num, a, b = np.zeros(n_items), np.zeros(n_items), np.zeros(n_items)
-        cnt = np.zeros(n_items, np.int64)
+        # per item j: [sum e_i e_j, sum e_i^2, sum e_j^2, co-raters], one cache line's share
+        acc = np.zeros((n_items, 4))
         touched = np.empty(n_items, np.int64)
         cand_s, cand_j = np.empty(n_items, np.float32), np.empty(n_items, np.int64)
         for i in range(p * n_items // parts, (p + 1) * n_items // parts):
             nt = 0
             for q in range(i_ptr[i], i_ptr[i + 1]):
                 u, ei = i_users[q], i_res[q]
+                ei2 = ei * ei
                 for t in range(u_ptr[u], u_ptr[u + 1]):
                     j, ej = u_items[t], u_res[t]
-                    if cnt[j] == 0:
+                    row = acc[j]
+                    if row[3] == 0.0:
                         touched[nt] = j
                         nt += 1
-                    cnt[j] += 1
-                    num[j] += ei * ej
-                    a[j] += ei * ei
-                    b[j] += ej * ej
+                    row[0] += ei * ej
+                    row[1] += ei2
+                    row[2] += ej * ej
+                    row[3] += 1.0
             nc = 0
             for t in range(nt):
                 j = touched[t]
-                ab = a[j] * b[j]
+                row = acc[j]
+                ab = row[1] * row[2]
                 if j != i and ab > 0:
-                    sim = np.float32(num[j] / np.sqrt(ab) * cnt[j] / (cnt[j] + shrink))
+                    sim = np.float32(row[0] / np.sqrt(ab) * row[3] / (row[3] + shrink))
                     if sim > 0:
                         cand_s[nc], cand_j[nc] = sim, j
                         nc += 1
-                num[j] = a[j] = b[j] = 0.0
-                cnt[j] = 0
+                row[:] = 0.0
+            size = out_rows.shape[1]
+            if nc > size:  # keep the best `size` first (O(nc)), ties at the cut by lower row
+                thr = np.partition(cand_s[:nc], nc - size)[nc - size]
+                above = 0
+                for t in range(nc):
+                    above += cand_s[t] > thr
+                at = cand_j[:nc][cand_s[:nc] == thr]
+                at.sort()
+                keep_at = at[: size - above]
+                m = 0
+                for t in range(nc):
+                    if cand_s[t] > thr:
+                        cand_s[m], cand_j[m] = cand_s[t], cand_j[t]
+                        m += 1
+                for t in range(keep_at.shape[0]):
+                    cand_s[m], cand_j[m] = thr, keep_at[t]
+                    m += 1
+                nc = m
             if nc:
                 by_row = np.argsort(cand_j[:nc])  # then a stable sort: ties keep the lower row
                 js, ss = cand_j[:nc][by_row], cand_s[:nc][by_row]
                 order = np.argsort(-ss, kind="mergesort")
-                for t in range(min(nc, out_rows.shape[1])):
+                for t in range(min(nc, size)):
                     out_rows[i, t] = js[order[t]]
                     out_sims[i, t] = ss[order[t]]
 
