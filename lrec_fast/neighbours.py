@@ -118,7 +118,7 @@ def predict(
     ``items`` [E]: (float32 [E], has bool [E]: the user has ratings). ``history(a)``: user
     row a's rated item rows (sorted int64) and their ratings (float32; NaN = unknown, left
     out)."""
-    distinct, slots = torch.unique(users, return_inverse=True)
+    distinct, slots = np.unique(users.numpy(), return_inverse=True)
     hist_items, hist_ratings = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
     sizes = []
     for a in distinct.tolist():
@@ -132,7 +132,8 @@ def predict(
     indptr[1:] = torch.cumsum(torch.tensor(sizes, dtype=torch.int64), 0)
     return kernels.knn_predict(
         indptr, torch.from_numpy(np.concatenate(hist_items)),
-        torch.from_numpy(np.concatenate(hist_ratings)), slots, items, nb.rows, nb.sims,
+        torch.from_numpy(np.concatenate(hist_ratings)), torch.from_numpy(slots.reshape(-1)),
+        items, nb.rows, nb.sims,
         nb.bias, nb.mu, nb.user_reg, nb.k, nb.reg, clip[0], clip[1], backend=backend,
     )  # fmt: skip
 

@@ -15,7 +15,7 @@ import torch
 
 from . import consolidation, kernels, neighbours, online, ranking
 from .consolidation import ConsolidationReport, RefitReport
-from .kernels.reference import SCALE_ITEM, SCALE_USER, SCALE_USER_BIAS
+from .kernels.reference import SCALE_ITEM, SCALE_ITEM_BIAS, SCALE_USER, SCALE_USER_BIAS
 from .model import Id, ModelState, load_state, save_state
 from .online import FitReport, LearnerConfig
 from .text.encoder import MINILM_NAME, CachedEncoder, TextEncoder, encoder_by_name
@@ -598,9 +598,11 @@ class Recommender:
             if missing:
                 raise ValueError(f"unknown items: {missing[:5]}")
             q, b, idx = self._queries(u)
-            ii = torch.tensor([self.state.items.index[j] for j in i], dtype=torch.int64)
-            v = self.state.true_item_rows()[ii]
-            p = (q * v).sum(1) + self.state.true_item_bias()[ii] + b + float(self.state.mu)
+            st = self.state
+            ii = torch.tensor([st.items.index[j] for j in i], dtype=torch.int64)
+            v = st.item_rows.t[ii] * float(st.scales[SCALE_ITEM])  # the rows asked for only
+            bv = st.item_bias.t[ii] * float(st.scales[SCALE_ITEM_BIAS])
+            p = (q * v).sum(1) + bv + b + float(st.mu)
             p = self._blended(torch.tensor(idx, dtype=torch.int64), ii, p)
             return p.numpy().astype(np.float32)
 

@@ -16,6 +16,7 @@ then the decayed step on the raw rows through the lazy scales.
 
 from __future__ import annotations
 
+import threading
 import types
 from collections.abc import Callable
 from typing import Any
@@ -438,6 +439,10 @@ def exclusion_csr(exclude: Exclude, n_queries: int) -> tuple[np.ndarray, np.ndar
 
 def _f32(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().float().numpy())
+
+
+def _i64(t: torch.Tensor) -> np.ndarray:  # no copy when it already is
+    return np.ascontiguousarray(t.numpy().astype(np.int64, copy=False))
 
 
 def score_topk(
@@ -1014,44 +1019,67 @@ def item_neighbours(
     return torch.from_numpy(rows), torch.from_numpy(sims)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def _knn_rows(
     indptr: np.ndarray, hist_items: np.ndarray, hist_ratings: np.ndarray, slots: np.ndarray,
     items: np.ndarray, nbr_rows: np.ndarray, nbr_sims: np.ndarray, item_bias: np.ndarray,
-    mu: float, user_reg: float, k: int, reg: float, lo: float, hi: float, out: np.ndarray,
-    has: np.ndarray,
+    mu: float, user_reg: float, k: int, reg: float, lo: float, hi: float, where: np.ndarray,
+    out: np.ndarray, has: np.ndarray,
 ) -> None:  # fmt: skip
+    """Events grouped by history: each history's items are marked in ``where`` (item row ->
+    position, -1 elsewhere; left all -1 again), so each neighbour is one lookup. Serial on
+    purpose: a call is a few thousand events at most (a re-rank's B x 30), where waking a
+    thread team costs more than the work."""
     n_b = item_bias.shape[0]
-    for e in prange(items.shape[0]):
-        s, j = slots[e], items[e]
+    order = np.argsort(slots, kind="mergesort")
+    e0 = 0
+    while e0 < order.shape[0]:
+        s = slots[order[e0]]
+        e1 = e0
+        while e1 < order.shape[0] and slots[order[e1]] == s:
+            e1 += 1
         a0, a1 = indptr[s], indptr[s + 1]
-        if a1 == a0:
-            continue
-        hist = hist_items[a0:a1]
-        total = 0.0
-        for t in range(a0, a1):
-            h = hist_items[t]
-            total += hist_ratings[t] - mu - (item_bias[h] if h < n_b else 0.0)
-        b_a = total / (a1 - a0 + user_reg)
-        num = den = 0.0
-        used = 0
-        if j < nbr_rows.shape[0]:
-            for t in range(nbr_rows.shape[1]):
-                h = nbr_rows[j, t]
-                if used == k:
-                    break
-                if h < 0:
-                    continue
-                pos = np.searchsorted(hist, h)
-                if pos < a1 - a0 and hist[pos] == h:
-                    sim = np.float64(nbr_sims[j, t])
-                    b_h = item_bias[h] if h < n_b else 0.0
-                    num += sim * (hist_ratings[a0 + pos] - mu - b_a - b_h)
-                    den += sim
-                    used += 1
-        b_j = item_bias[j] if j < n_b else 0.0
-        out[e] = min(max(mu + b_a + b_j + num / (den + reg), lo), hi)
-        has[e] = True
+        if a1 > a0:
+            total = 0.0
+            for t in range(a0, a1):
+                h = hist_items[t]
+                where[h] = t
+                total += np.float64(hist_ratings[t]) - mu
+                total -= np.float64(item_bias[h]) if h < n_b else 0.0
+            b_a = total / (a1 - a0 + user_reg)
+            for q in range(e0, e1):
+                e, j = order[q], items[order[q]]
+                num = den = 0.0
+                used = 0
+                if j < nbr_rows.shape[0]:
+                    for t in range(nbr_rows.shape[1]):
+                        h = nbr_rows[j, t]
+                        if used == k:
+                            break
+                        if h < 0 or where[h] < 0:
+                            continue
+                        sim = np.float64(nbr_sims[j, t])
+                        b_h = np.float64(item_bias[h]) if h < n_b else 0.0
+                        num += sim * (np.float64(hist_ratings[where[h]]) - mu - b_a - b_h)
+                        den += sim
+                        used += 1
+                b_j = np.float64(item_bias[j]) if j < n_b else 0.0
+                out[e] = min(max(mu + b_a + b_j + num / (den + reg), lo), hi)
+                has[e] = True
+            for t in range(a0, a1):
+                where[hist_items[t]] = -1
+        e0 = e1
+
+
+_scratch = threading.local()  # per thread: Recommenders and deployments may run side by side
+
+
+def _positions(n: int) -> np.ndarray:
+    """A scratch array of at least n int64, all -1 (``_knn_rows`` leaves it so)."""
+    buf = getattr(_scratch, "where", None)
+    if buf is None or buf.shape[0] < n:
+        buf = _scratch.where = np.full(max(n, 1_024), -1, np.int64)
+    return buf
 
 
 def knn_predict(
@@ -1064,9 +1092,9 @@ def knn_predict(
     n = items.numel()
     out, has = np.zeros(n, np.float32), np.zeros(n, np.bool_)
     if n:
-        _knn_rows(indptr.numpy().astype(np.int64), hist_items.numpy().astype(np.int64),
-                  hist_ratings.double().numpy(), slots.numpy().astype(np.int64),
-                  items.numpy().astype(np.int64), nbr_rows.numpy().astype(np.int64),
-                  _f32(nbr_sims), item_bias.double().numpy(), float(mu), float(user_reg),
-                  int(k), float(reg), float(lo), float(hi), out, has)  # fmt: skip
+        h = _i64(hist_items)
+        where = _positions(max(nbr_rows.shape[0], int(h.max()) + 1 if h.size else 0))
+        _knn_rows(_i64(indptr), h, _f32(hist_ratings), _i64(slots), _i64(items),
+                  _i64(nbr_rows), _f32(nbr_sims), _f32(item_bias), float(mu), float(user_reg),
+                  int(k), float(reg), float(lo), float(hi), where, out, has)  # fmt: skip
     return torch.from_numpy(out), torch.from_numpy(has)
