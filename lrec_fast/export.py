@@ -258,6 +258,7 @@ class Deployment:
         # the neighbourhood correction (exported before it existed: none)
         rated = t.get("seen_ratings", np.full(len(idx), np.nan, np.float32))
         self._rated = [rated[ptr[i] : ptr[i + 1]] for i in range(len(ptr) - 1)]
+        self._rated_complete = bool(np.isfinite(rated).all())
         self._neighbours = self._neighbours_of(t, self.manifest.get("knn"))
         if len(self._items) != len(self.item_rows) or len(self._users) != len(self.user_rows):
             raise DeploymentError(f"{self.directory}: id lists and tables disagree in size")
@@ -298,7 +299,8 @@ class Deployment:
         from .neighbours import blend
 
         lo, hi = self.manifest["rating_range"]
-        return blend(self._neighbours, self._history, users, items, ratings, (lo, hi), None)
+        return blend(self._neighbours, self._history, users, items, ratings, (lo, hi), None,
+                     self._rated_complete)  # fmt: skip
 
     @property
     def n_items(self) -> int:

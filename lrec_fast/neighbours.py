@@ -112,18 +112,18 @@ class Neighbours:
 
 def predict(
     nb: Neighbours, history: History, users: torch.Tensor, items: torch.Tensor,
-    clip: tuple[float, float], backend: str | None,
+    clip: tuple[float, float], backend: str | None, complete: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The neighbourhood predictions of user rows ``users`` (-1: unknown) and item rows
     ``items`` [E]: (float32 [E], has bool [E]: the user has ratings). ``history(a)``: user
     row a's rated item rows (sorted int64) and their ratings (float32; NaN = unknown, left
-    out)."""
+    out; ``complete``: the caller knows there is none)."""
     distinct, slots = np.unique(users.numpy(), return_inverse=True)
     hist_items, hist_ratings = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
     sizes = []
     for a in distinct.tolist():
         h, r = history(a) if a >= 0 else (hist_items[0], hist_ratings[0])
-        if not np.isfinite(r).all():
+        if not complete and not np.isfinite(r).all():
             h, r = h[np.isfinite(r)], r[np.isfinite(r)]
         hist_items.append(h)
         hist_ratings.append(r)
@@ -141,19 +141,21 @@ def predict(
 def blend(
     nb: Neighbours | None, history: History, users: torch.Tensor, items: torch.Tensor,
     predicted: torch.Tensor, clip: tuple[float, float], backend: str | None,
+    complete: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """The factor model's ``predicted`` ratings (float32 [E]) of user rows ``users`` (-1:
     unknown) and item rows ``items``, blended with the neighbourhood prediction where the user
-    has ratings (module doc); ``predicted`` itself without ``nb``."""
+    has ratings (module doc); ``predicted`` itself without ``nb``. ``complete``: as in
+    ``predict``."""
     if nb is None or items.numel() == 0:
         return predicted
-    knn, has = predict(nb, history, users, items, clip, backend)
+    knn, has = predict(nb, history, users, items, clip, backend, complete)
     return torch.where(has, (1 - nb.weight) * predicted + nb.weight * knn, predicted)
 
 
 def for_rerank(
     nb: Neighbours | None, history: History, users: torch.Tensor, top: torch.Tensor,
-    depth: int, clip: tuple[float, float], backend: str | None,
+    depth: int, clip: tuple[float, float], backend: str | None, complete: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, float] | None:  # fmt: skip
     """``kernels.rerank_mf``'s ``knn`` argument for candidates ``top`` [B, m] of user rows
     ``users`` [B]: the predictions of the first ``depth`` (None without ``nb``)."""
@@ -161,7 +163,8 @@ def for_rerank(
     if nb is None or cand.numel() == 0:
         return None
     flat_users = users[:, None].expand_as(cand).reshape(-1)
-    knn, has = predict(nb, history, flat_users, cand.clamp_min(0).reshape(-1), clip, backend)
+    knn, has = predict(nb, history, flat_users, cand.clamp_min(0).reshape(-1), clip, backend,
+                       complete)  # fmt: skip
     return knn.view(cand.shape), has.view(cand.shape) & (cand >= 0), nb.weight
 
 

@@ -204,6 +204,19 @@ def test_checkpoints_keep_it_and_old_ones_load_without_it(fitted, stream, tmp_pa
     assert np.isnan(old.state.seen.ratings(0)).all()
     fitted.config.knn_weight = 0.0  # what the old model predicts: the factor model's ratings
     assert np.array_equal(old.predict(users, items), fitted.predict(users, items))
+    # switched on later: the unknown (NaN) ratings are left out, the new ones count
+    old.config.knn_weight = 0.3
+    ev = stream.events.take(slice(1500, 1600))
+    old.feedback(ev.user, ev.item, ev.rating)
+    neighbours.recompute(old.state, old.config, old.backend)
+    st = old.state
+    assert st.knn_rows.shape[0] == 80 and not st.seen.complete
+    quiet = next(u for u in stream.user_ids if u not in set(ev.user.tolist()))
+    rows = torch.tensor([st.users.index[u] for u in (ev.user[0], quiet)])
+    nb = neighbours.Neighbours.of(st, old.config)
+    knn, has = neighbours.predict(nb, st.seen.history, rows, torch.tensor([3, 3]), (1.0, 5.0),
+                                  "numba")  # fmt: skip
+    assert has.tolist() == [True, False] and bool(torch.isfinite(knn).all())
 
 
 @pytest.mark.parametrize("flaw", ["row", "shape", "nan"])

@@ -173,8 +173,10 @@ def test_seen_items_ratings_arrays_and_csr():
     back = SeenItems.from_csr(ptr.tolist(), idx.tolist(), rated.tolist())
     assert [set(back[a]) for a in range(3)] == [{3, 5, 7}, set(), {1}]
     assert back.ratings(0).tolist() == [4.0, 1.0, 3.0]
+    assert seen.complete and back.complete
     old = SeenItems.from_csr(ptr.tolist(), idx.tolist())  # checkpoints without ratings
     assert np.isnan(old.ratings(0)).all() and old.sorted(0).tolist() == [3, 5, 7]
+    assert not old.complete
     seen.truncate(1)
     assert len(seen) == 1 and seen.csr()[1].tolist() == [3, 5, 7]
     seen.append_users(1)
