@@ -61,9 +61,9 @@ def baseline(
     b_u, b_i = torch.zeros(n_users, dtype=torch.float64), torch.zeros(n_items, dtype=torch.float64)
     for _ in range(BASELINE_ROUNDS):
         b_i = torch.zeros_like(b_i).index_add_(0, items, ratings - mu - b_u[users])
-        b_i /= n_i + cfg.knn_item_reg
+        b_i /= (n_i + cfg.knn_item_reg).clamp_min(1e-12)  # an unrated item: 0, also at ridge 0
         b_u = torch.zeros_like(b_u).index_add_(0, users, ratings - mu - b_i[items])
-        b_u /= n_u + cfg.knn_user_reg
+        b_u /= (n_u + cfg.knn_user_reg).clamp_min(1e-12)
     return mu, b_u, b_i
 
 

@@ -98,8 +98,8 @@ def random_histories(rng: np.random.Generator, n_users: int, n_items: int):
     return indptr, items, ratings
 
 
-@pytest.mark.parametrize("k", [0, 1, 3, 40])
-def test_knn_predict_numba_matches_reference(rng, k):
+@pytest.mark.parametrize("k,reg", [(0, 0.3), (1, 0.3), (3, 0.0), (40, 0.3)])
+def test_knn_predict_numba_matches_reference(rng, k, reg):
     n_items, table = 30, 26  # items 26-29 came after the neighbours were computed
     indptr, hist, ratings = random_histories(rng, 12, n_items)
     nbr = torch.from_numpy(rng.integers(-1, table, (table, 15)))  # -1 anywhere, repeats too
@@ -108,13 +108,14 @@ def test_knn_predict_numba_matches_reference(rng, k):
     bias = torch.from_numpy(rng.normal(size=table).astype(np.float32))
     slots = torch.from_numpy(rng.integers(0, 12, 200))
     items = torch.from_numpy(rng.integers(0, n_items, 200))
-    args = (indptr, hist, ratings, slots, items, nbr, sims, bias, 3.5, 5.0, k, 0.3, 1.0, 5.0)
+    args = (indptr, hist, ratings, slots, items, nbr, sims, bias, 3.5, 5.0, k, reg, 1.0, 5.0)
     want, want_has = kernels.knn_predict(*args, backend="torch")
     got, got_has = kernels.knn_predict(*args, backend="numba")
     assert torch.equal(got_has, want_has)
     assert torch.equal(want_has, indptr[slots + 1] > indptr[slots])  # empty history: none
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
     assert bool(((want >= 1) & (want <= 5))[want_has].all()) and not want[~want_has].any()
+    assert bool(torch.isfinite(got).all())  # also at reg 0 where no neighbour was rated
     empty = torch.zeros(0, dtype=torch.int64)
     out, has = kernels.knn_predict(indptr, hist, ratings, empty, empty, *args[5:],
                                    backend="numba")  # fmt: skip
@@ -137,6 +138,15 @@ def test_knn_predict_reference_by_hand():
         corr = sum(s * x for s, x in used) / (sum(s for s, _ in used) + reg)
         assert has.tolist() == [True]
         assert out.item() == pytest.approx(mu + b_a + 0.5 + corr, rel=1e-6)
+
+
+def test_baseline_at_ridge_zero_leaves_unrated_items_and_users_at_zero():
+    rec = Recommender(encoder="hashing-64", knn_user_reg=0.0, knn_item_reg=0.0)
+    users, items = torch.tensor([0, 1]), torch.tensor([0, 0])
+    ratings = torch.tensor([4.0, 2.0], dtype=torch.float64)
+    mu, b_u, b_i = neighbours.baseline(users, items, ratings, 3, 2, rec.config)
+    assert mu == 3.0 and torch.isfinite(b_u).all() and torch.isfinite(b_i).all()
+    assert b_u[2] == 0 and b_i[1] == 0
 
 
 def test_baseline_is_the_ridge_solution():

@@ -1064,7 +1064,8 @@ def _knn_rows(
                         den += sim
                         used += 1
                 b_j = np.float64(item_bias[j]) if j < n_b else 0.0
-                out[e] = min(max(mu + b_a + b_j + num / (den + reg), lo), hi)
+                corr = num / (den + reg) if den + reg > 0 else 0.0
+                out[e] = min(max(mu + b_a + b_j + corr, lo), hi)
                 has[e] = True
             for t in range(a0, a1):
                 where[hist_items[t]] = -1

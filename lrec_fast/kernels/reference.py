@@ -601,6 +601,7 @@ def knn_predict(
             num = float((sims[pick] * (r[where] - mu - b_a - bias(nbrs[pick]))).sum())
             den = float(sims[pick].sum())
         b_j = float(bias(torch.tensor([j]))[0])
-        out[e] = min(max(mu + b_a + b_j + num / (den + reg), lo), hi)
+        corr = num / (den + reg) if den + reg > 0 else 0.0  # none rated, at reg 0: none
+        out[e] = min(max(mu + b_a + b_j + corr, lo), hi)
         has[e] = True
     return out, has
