@@ -102,6 +102,14 @@ def proj_slices(dim: int) -> dict[str, slice]:
             "ctx_rows": slice(2 * d + 2, 3 * d + 2)}  # fmt: skip
 
 
+def rows_csr(rows: Sequence[np.ndarray], dtype: Any = np.int64) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row arrays as CSR: (indptr int64 [len(rows) + 1], the rows concatenated, ``dtype``)."""
+    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum([len(x) for x in rows], out=indptr[1:])
+    flat = np.concatenate(rows).astype(dtype, copy=False) if len(rows) else np.zeros(0, dtype)
+    return indptr, flat
+
+
 class SeenItems:
     """The item rows each user row interacted with, and the latest rating of each: a dict per
     user (membership, growth) and sorted arrays per user (item rows int64, ratings float32),
@@ -161,22 +169,16 @@ class SeenItems:
         return self._sorted(user)[0]
 
     def history(self, user: int) -> tuple[np.ndarray, np.ndarray]:
-        """(``sorted``, ``ratings``) of user row ``user``."""
+        """User row ``user``'s items as ``sorted`` gives them and their latest ratings, float32
+        [m] in the same order (cached; do not modify)."""
         return self._sorted(user)
-
-    def ratings(self, user: int) -> np.ndarray:
-        """Their latest ratings, float32 [m], in the order of ``sorted`` (cached)."""
-        return self._sorted(user)[1]
 
     def csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every user's sorted items and their ratings as (indptr int64 [n_users + 1], item
         rows int64, ratings float32)."""
-        indptr = np.zeros(len(self._rated) + 1, dtype=np.int64)
-        indptr[1:] = np.cumsum([len(s) for s in self._rated])
         rows = [self._sorted(a) for a in range(len(self._rated))]
-        if not rows:
-            return indptr, np.zeros(0, np.int64), np.zeros(0, np.float32)
-        return indptr, np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
+        indptr, items = rows_csr([r[0] for r in rows])
+        return indptr, items, rows_csr([r[1] for r in rows], np.float32)[1]
 
 
 @dataclass

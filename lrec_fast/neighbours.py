@@ -32,12 +32,14 @@ import numpy as np
 import torch
 
 from . import kernels
+from .model import rows_csr
 
 if TYPE_CHECKING:
     from .model import ModelState
     from .online import LearnerConfig
 
 BASELINE_ROUNDS = 10
+_NO_ITEMS, _NO_RATINGS = np.zeros(0, np.int64), np.zeros(0, np.float32)  # an unknown user's
 
 
 def _rated(state: ModelState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -119,22 +121,19 @@ def predict(
     row a's rated item rows (sorted int64) and their ratings (float32; NaN = unknown, left
     out; ``complete``: the caller knows there is none)."""
     distinct, slots = np.unique(users.numpy(), return_inverse=True)
-    hist_items, hist_ratings = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
-    sizes = []
+    hist_items, hist_ratings = [], []
     for a in distinct.tolist():
-        h, r = history(a) if a >= 0 else (hist_items[0], hist_ratings[0])
+        h, r = history(a) if a >= 0 else (_NO_ITEMS, _NO_RATINGS)
         if not complete and not np.isfinite(r).all():
             h, r = h[np.isfinite(r)], r[np.isfinite(r)]
         hist_items.append(h)
         hist_ratings.append(r)
-        sizes.append(len(h))
-    indptr = torch.zeros(len(sizes) + 1, dtype=torch.int64)
-    indptr[1:] = torch.cumsum(torch.tensor(sizes, dtype=torch.int64), 0)
+    indptr, flat_items = rows_csr(hist_items)
+    flat_ratings = rows_csr(hist_ratings, np.float32)[1]
     return kernels.knn_predict(
-        indptr, torch.from_numpy(np.concatenate(hist_items)),
-        torch.from_numpy(np.concatenate(hist_ratings)), torch.from_numpy(slots.reshape(-1)),
-        items, nb.rows, nb.sims,
-        nb.bias, nb.mu, nb.user_reg, nb.k, nb.reg, clip[0], clip[1], backend=backend,
+        torch.from_numpy(indptr), torch.from_numpy(flat_items), torch.from_numpy(flat_ratings),
+        torch.from_numpy(slots.reshape(-1)), items, nb.rows, nb.sims, nb.bias, nb.mu,
+        nb.user_reg, nb.k, nb.reg, clip[0], clip[1], backend=backend,
     )  # fmt: skip
 
 

@@ -16,7 +16,7 @@ import torch
 from . import consolidation, kernels, neighbours, online, ranking
 from .consolidation import ConsolidationReport, RefitReport
 from .kernels.reference import SCALE_ITEM, SCALE_ITEM_BIAS, SCALE_USER, SCALE_USER_BIAS
-from .model import Id, ModelState, load_state, save_state
+from .model import Id, ModelState, load_state, rows_csr, save_state
 from .online import FitReport, LearnerConfig
 from .text.encoder import MINILM_NAME, CachedEncoder, TextEncoder, encoder_by_name
 
@@ -69,9 +69,7 @@ NO_ITEMS = np.zeros(0, dtype=np.int64)  # the exclusions of a query with none
 def seen_csr(rows: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-query item rows to exclude (int64 arrays) as the (indptr, indices) int64 CSR
     score_topk takes."""
-    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum([len(x) for x in rows], out=indptr[1:])
-    flat = np.concatenate(rows).astype(np.int64, copy=False) if len(rows) else NO_ITEMS
+    indptr, flat = rows_csr(rows)
     return torch.from_numpy(indptr), torch.from_numpy(flat)
 
 

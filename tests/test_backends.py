@@ -443,9 +443,12 @@ def test_reference_rerank_is_the_documented_order(rng):
 def test_rerank_mf_matches_reference(backend, rng, b, m, depth, integer):
     scores, top, users, tables, scales, mu = rerank_case(rng, b, m, 60, integer)
     before = (scores.clone(), top.clone())
-    for w in (0.0, 2.0):
-        want = ref.rerank_mf(scores, top, users, *tables, scales, mu, w, depth)
-        got = kernels.rerank_mf(scores, top, users, *tables, scales, mu, w, depth,
+    d = min(depth, m)  # the neighbourhood predictions blended in where has (quarters: exact)
+    knn = (torch.from_numpy(rng.integers(4, 21, (b, d)).astype(np.float32) / 4),
+           torch.from_numpy(rng.random((b, d)) < 0.5), 0.25)  # fmt: skip
+    for w, nb in ((0.0, None), (2.0, None), (2.0, knn)):
+        want = ref.rerank_mf(scores, top, users, *tables, scales, mu, w, depth, nb)
+        got = kernels.rerank_mf(scores, top, users, *tables, scales, mu, w, depth, nb,
                                 backend=backend)  # fmt: skip
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)

@@ -161,21 +161,21 @@ def test_seen_items_ratings_arrays_and_csr():
     seen.append_users(3)
     seen.add([0, 2, 0, 0], [7, 1, 3, 7], [2.0, 4.0, 5.0, 3.0])  # a duplicate: the latest counts
     assert seen.sorted(0).tolist() == [3, 7] and seen.sorted(1).tolist() == []
-    assert seen.ratings(0).tolist() == [5.0, 3.0] and seen.ratings(0).dtype == np.float32
+    assert seen.history(0)[1].tolist() == [5.0, 3.0] and seen.history(0)[1].dtype == np.float32
     assert seen.sorted(0) is seen.sorted(0)  # cached ...
     seen.add([0], [5], [1.0])
     assert seen.sorted(0).tolist() == [3, 5, 7]  # ... until the user's items change
     seen.add([0], [3], [4.0])  # a new rating of a known item
-    assert seen.ratings(0).tolist() == [4.0, 1.0, 3.0]
+    assert seen.history(0)[1].tolist() == [4.0, 1.0, 3.0]
     ptr, idx, rated = seen.csr()
     assert ptr.tolist() == [0, 3, 3, 4] and idx.tolist() == [3, 5, 7, 1]
     assert rated.tolist() == [4.0, 1.0, 3.0, 4.0]
     back = SeenItems.from_csr(ptr.tolist(), idx.tolist(), rated.tolist())
     assert [set(back[a]) for a in range(3)] == [{3, 5, 7}, set(), {1}]
-    assert back.ratings(0).tolist() == [4.0, 1.0, 3.0]
+    assert back.history(0)[1].tolist() == [4.0, 1.0, 3.0]
     assert seen.complete and back.complete
     old = SeenItems.from_csr(ptr.tolist(), idx.tolist())  # checkpoints without ratings
-    assert np.isnan(old.ratings(0)).all() and old.sorted(0).tolist() == [3, 5, 7]
+    assert np.isnan(old.history(0)[1]).all() and old.sorted(0).tolist() == [3, 5, 7]
     assert not old.complete
     seen.truncate(1)
     assert len(seen) == 1 and seen.csr()[1].tolist() == [3, 5, 7]
