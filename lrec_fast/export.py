@@ -257,8 +257,10 @@ class Deployment:
         self._seen = [idx[ptr[i] : ptr[i + 1]] for i in range(len(ptr) - 1)]
         # the neighbourhood correction (exported before it existed: none)
         rated = t.get("seen_ratings", np.full(len(idx), np.nan, np.float32))
-        self._rated = [rated[ptr[i] : ptr[i + 1]] for i in range(len(ptr) - 1)]
-        self._rated_complete = bool(np.isfinite(rated).all())
+        known = np.isfinite(rated)  # unknown ratings (exported before they were kept): none
+        self._rated = [(idx[ptr[i] : ptr[i + 1]][known[ptr[i] : ptr[i + 1]]],
+                        rated[ptr[i] : ptr[i + 1]][known[ptr[i] : ptr[i + 1]]])
+                       for i in range(len(ptr) - 1)]  # fmt: skip
         self._neighbours = self._neighbours_of(t, self.manifest.get("knn"))
         if len(self._items) != len(self.item_rows) or len(self._users) != len(self.user_rows):
             raise DeploymentError(f"{self.directory}: id lists and tables disagree in size")
@@ -291,7 +293,7 @@ class Deployment:
                           float(knn["reg"]))  # fmt: skip
 
     def _history(self, user: int) -> tuple[np.ndarray, np.ndarray]:
-        return self._seen[user], self._rated[user]
+        return self._rated[user]
 
     def _blended(self, users: Any, items: Any, ratings: Any) -> Any:
         """Ratings (torch float32 [E]) of user rows ``users`` (-1: unknown) and item rows
@@ -299,8 +301,7 @@ class Deployment:
         from .neighbours import blend
 
         lo, hi = self.manifest["rating_range"]
-        return blend(self._neighbours, self._history, users, items, ratings, (lo, hi), None,
-                     self._rated_complete)  # fmt: skip
+        return blend(self._neighbours, self._history, users, items, ratings, (lo, hi), None)
 
     @property
     def n_items(self) -> int:

@@ -121,7 +121,7 @@ class SeenItems:
     def __init__(self, rated: Iterable[dict[int, float]] = (), complete: bool = True) -> None:
         self._rated: list[dict[int, float]] = list(rated)
         self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self.complete = complete  # no rating is unknown (NaN): readers can skip the check
+        self.complete = complete  # no rating is unknown (NaN)
 
     @classmethod
     def from_csr(cls, indptr: Sequence[int], indices: Sequence[int],
@@ -169,9 +169,13 @@ class SeenItems:
         return self._sorted(user)[0]
 
     def history(self, user: int) -> tuple[np.ndarray, np.ndarray]:
-        """User row ``user``'s items as ``sorted`` gives them and their latest ratings, float32
-        [m] in the same order (cached; do not modify)."""
-        return self._sorted(user)
+        """User row ``user``'s rated items (sorted int64) and their latest ratings (float32, in
+        the same order); items whose rating is unknown are left out (do not modify)."""
+        items, ratings = self._sorted(user)
+        if self.complete:
+            return items, ratings
+        known = np.isfinite(ratings)
+        return items[known], ratings[known]
 
     def csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every user's sorted items and their ratings as (indptr int64 [n_users + 1], item

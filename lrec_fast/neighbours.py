@@ -114,18 +114,15 @@ class Neighbours:
 
 def predict(
     nb: Neighbours, history: History, users: torch.Tensor, items: torch.Tensor,
-    clip: tuple[float, float], backend: str | None, complete: bool = False,
+    clip: tuple[float, float], backend: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The neighbourhood predictions of user rows ``users`` (-1: unknown) and item rows
     ``items`` [E]: (float32 [E], has bool [E]: the user has ratings). ``history(a)``: user
-    row a's rated item rows (sorted int64) and their ratings (float32; NaN = unknown, left
-    out; ``complete``: the caller knows there is none)."""
+    row a's rated item rows (sorted int64) and their ratings (float32, all known)."""
     distinct, slots = np.unique(users.numpy(), return_inverse=True)
     hist_items, hist_ratings = [], []
     for a in distinct.tolist():
         h, r = history(a) if a >= 0 else (_NO_ITEMS, _NO_RATINGS)
-        if not complete and not np.isfinite(r).all():
-            h, r = h[np.isfinite(r)], r[np.isfinite(r)]
         hist_items.append(h)
         hist_ratings.append(r)
     indptr, flat_items = rows_csr(hist_items)
@@ -140,21 +137,19 @@ def predict(
 def blend(
     nb: Neighbours | None, history: History, users: torch.Tensor, items: torch.Tensor,
     predicted: torch.Tensor, clip: tuple[float, float], backend: str | None,
-    complete: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """The factor model's ``predicted`` ratings (float32 [E]) of user rows ``users`` (-1:
     unknown) and item rows ``items``, blended with the neighbourhood prediction where the user
-    has ratings (module doc); ``predicted`` itself without ``nb``. ``complete``: as in
-    ``predict``."""
+    has ratings (module doc); ``predicted`` itself without ``nb``."""
     if nb is None or items.numel() == 0:
         return predicted
-    knn, has = predict(nb, history, users, items, clip, backend, complete)
+    knn, has = predict(nb, history, users, items, clip, backend)
     return torch.where(has, (1 - nb.weight) * predicted + nb.weight * knn, predicted)
 
 
 def for_rerank(
     nb: Neighbours | None, history: History, users: torch.Tensor, top: torch.Tensor,
-    depth: int, clip: tuple[float, float], backend: str | None, complete: bool = False,
+    depth: int, clip: tuple[float, float], backend: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor, float] | None:  # fmt: skip
     """``kernels.rerank_mf``'s ``knn`` argument for candidates ``top`` [B, m] of user rows
     ``users`` [B]: the predictions of the first ``depth`` (None without ``nb``)."""
@@ -162,8 +157,7 @@ def for_rerank(
     if nb is None or cand.numel() == 0:
         return None
     flat_users = users[:, None].expand_as(cand).reshape(-1)
-    knn, has = predict(nb, history, flat_users, cand.clamp_min(0).reshape(-1), clip, backend,
-                       complete)  # fmt: skip
+    knn, has = predict(nb, history, flat_users, cand.clamp_min(0).reshape(-1), clip, backend)
     return knn.view(cand.shape), has.view(cand.shape) & (cand >= 0), nb.weight
 
 

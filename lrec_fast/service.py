@@ -470,9 +470,8 @@ class Recommender:
     def _blended(self, users: torch.Tensor, items: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """The factor model's ratings ``p`` [E] with the neighbourhood correction blended in."""
         nb = neighbours.Neighbours.of(self.state, self.config)
-        seen = self.state.seen
-        return neighbours.blend(nb, seen.history, users, items, p, self.rating_range,
-                                self.backend, seen.complete)  # fmt: skip
+        return neighbours.blend(nb, self.state.seen.history, users, items, p, self.rating_range,
+                                self.backend)  # fmt: skip
 
     def _ranking(self, ids: list[Id]) -> tuple[torch.Tensor, torch.Tensor, float,
                                                tuple[torch.Tensor, torch.Tensor], torch.Tensor,
@@ -578,7 +577,7 @@ class Recommender:
         if cfg.rerank_weight:  # re-rank by the rating predict() gives
             knn = neighbours.for_rerank(neighbours.Neighbours.of(st, cfg), st.seen.history,
                                         users, top, cfg.rerank_depth, self.rating_range,
-                                        self.backend, st.seen.complete)  # fmt: skip
+                                        self.backend)  # fmt: skip
         return kernels.rerank_mf(scores, top, users, st.user_rows.t, st.item_rows.t,
                                  st.user_bias.t, st.item_bias.t, st.scales, st.mu,
                                  cfg.rerank_weight, cfg.rerank_depth, knn,
