@@ -11,7 +11,7 @@ nothing else:
                           users with and without a ranking history), ctx_rows, user_recent: what
                           recommend scores (the ranking head, or the rating rows for
                           rank_by="rating"); proj (text -> every item value), seen (CSR,
-                          with ratings) and knn_* (the neighbourhood correction of predict)
+                          with ratings and ages) and knn_* (the neighbourhood correction of predict)
     ids.json              external user and item ids, in row order
     vocab.txt, tokenizer.json, tokenizer_config.json, special_tokens_map.json
     manifest.json         format + version, precision, dims, rating range, sha256 of each file
@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from . import offsets
 from ._io import fsync_dir
 from ._version import __version__
 from .model import IdMap, proj_slices
@@ -157,6 +158,7 @@ def _serving_state(
 
     st, cfg = rec.state, rec.config
     seen = st.tensors()
+    by_class, by_item = offsets.tables(st, cfg)
     softmax = cfg.rank_by == "softmax"
     rank_rows = st.tgt_rows.t if softmax else st.true_item_rows()
     tensors = {
@@ -174,10 +176,13 @@ def _serving_state(
         "seen_indptr": seen["seen_indptr"].numpy(),
         "seen_indices": seen["seen_indices"].numpy(),
         "seen_ratings": seen["seen_ratings"].numpy(),
+        "seen_ages": seen["seen_ages"].numpy(),
         "knn_rows": st.knn_rows.numpy(),
         "knn_sims": st.knn_sims.numpy().astype(np.float32),
         "knn_bias": st.knn_bias.numpy().astype(np.float32),
         "knn_mu": st.knn_mu.numpy().astype(np.float64),
+        "offset_class": by_class.numpy().astype(np.float32),
+        "offset_item": by_item.numpy().astype(np.float32),
     }
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     ids = {"users": list(st.users.ids), "items": list(st.items.ids)}
@@ -186,8 +191,9 @@ def _serving_state(
             "proj_fitted": bool(st.proj_fitted), "rank_by": cfg.rank_by,
             "history_len": st.history_len, "history_decay": cfg.history_decay,
             "rerank_weight": cfg.rerank_weight, "rerank_depth": cfg.rerank_depth,
-            "knn": {"weight": cfg.knn_weight, "user_reg": cfg.knn_user_reg, "k": cfg.knn_k,
-                    "reg": cfg.knn_reg}}  # fmt: skip
+            "knn": {"weight": cfg.knn_weight, "user_reg": cfg.knn_user_reg,
+                    "user_decay": cfg.knn_user_decay, "k": cfg.knn_k, "reg": cfg.knn_reg,
+                    "decay": cfg.knn_decay, "ramp": cfg.knn_ramp}}  # fmt: skip
     return tensors, ids, meta
 
 
@@ -257,11 +263,16 @@ class Deployment:
         self._seen = [idx[ptr[i] : ptr[i + 1]] for i in range(len(ptr) - 1)]
         # the neighbourhood correction (exported before it existed: none)
         rated = t.get("seen_ratings", np.full(len(idx), np.nan, np.float32))
+        ages = t.get("seen_ages", np.zeros(len(idx), np.int64))  # (before they were kept: 0)
         known = np.isfinite(rated)  # unknown ratings (exported before they were kept): none
-        self._rated = [(idx[ptr[i] : ptr[i + 1]][known[ptr[i] : ptr[i + 1]]],
-                        rated[ptr[i] : ptr[i + 1]][known[ptr[i] : ptr[i + 1]]])
-                       for i in range(len(ptr) - 1)]  # fmt: skip
+        self._rated = [
+            tuple(x[ptr[i] : ptr[i + 1]][known[ptr[i] : ptr[i + 1]]] for x in (idx, rated, ages))
+            for i in range(len(ptr) - 1)
+        ]
         self._neighbours = self._neighbours_of(t, self.manifest.get("knn"))
+        # the residual offsets of predict (exported before they existed: none)
+        self.offset_class = t.get("offset_class", np.zeros(offsets.N_CLASSES, np.float32))
+        self.offset_item = t.get("offset_item", np.zeros(len(self.item_rows), np.float32))
         if len(self._items) != len(self.item_rows) or len(self._users) != len(self.user_rows):
             raise DeploymentError(f"{self.directory}: id lists and tables disagree in size")
         enc = self.manifest["encoder"]
@@ -289,10 +300,11 @@ class Deployment:
             return None
         return Neighbours(torch.from_numpy(t["knn_rows"]), torch.from_numpy(t["knn_sims"]),
                           torch.from_numpy(t["knn_bias"]), float(t["knn_mu"][0]),
-                          float(knn["weight"]), float(knn["user_reg"]), int(knn["k"]),
-                          float(knn["reg"]))  # fmt: skip
+                          float(knn["weight"]), float(knn["user_reg"]),
+                          float(knn.get("user_decay", 1.0)), int(knn["k"]), float(knn["reg"]),
+                          float(knn.get("decay", 1.0)), float(knn.get("ramp", 0.0)))  # fmt: skip
 
-    def _history(self, user: int) -> tuple[np.ndarray, np.ndarray]:
+    def _history(self, user: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self._rated[user]
 
     def _blended(self, users: Any, items: Any, ratings: Any) -> Any:
@@ -404,7 +416,11 @@ class Deployment:
             rows = np.array([self._items.index[j] for j in i], dtype=np.int64)
             p = torch.from_numpy(self._rating_sum(q, b, rows))
             users = torch.tensor(idx, dtype=torch.int64)
-            return self._blended(users, torch.from_numpy(rows), p).numpy()
+            p = self._blended(users, torch.from_numpy(rows), p).numpy()
+            counts = torch.tensor([len(self._seen[a]) if a >= 0 else 0 for a in idx])
+            return (
+                p + self.offset_class[offsets.count_class(counts).numpy()] + self.offset_item[rows]
+            )
 
     def _rating_sum(self, q: np.ndarray, b: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """mu + b + b_v[rows] + <q, V[rows]>, float32 with rows' shape (q [..., d] and b
@@ -435,7 +451,8 @@ class Deployment:
                **_item_table(v[rank[0]], self.precision, "rank"),
                "item_bias": v["item_bias"][:, 0], "item_rank_bias": v[rank[1]][:, 0],
                "item_rank_bias_cold": v[rank[1]][:, 0],
-               "ctx_rows": v["ctx_rows"]}  # no events yet: no recency prior  # fmt: skip
+               "ctx_rows": v["ctx_rows"],  # no events yet: no recency prior
+               "offset_item": np.zeros(len(ids), np.float32)}  # ... and no residuals  # fmt: skip
         with self._lock:
             known = [j for j in ids if j in self._items]
             if known:

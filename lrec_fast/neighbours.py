@@ -14,10 +14,13 @@ fit and of each refit, from every user's latest rating of each item:
    (``kernels.item_neighbours``); each item keeps its ``knn_size`` most similar items.
 
 A prediction for a user with ratings (``kernels.knn_predict``) takes the user's bias from all
-their ratings now (new ratings count at once), and corrects the baseline by the similarity-
-weighted residuals of the first ``knn_k`` of the item's neighbours the user rated; the result
-(clipped to the rating range) is blended in at ``knn_weight``:
-    predicted = (1 - knn_weight) x factor model + knn_weight x neighbourhood.
+their ratings now (new ratings count at once; the rating of age a, a ratings ago, weighs
+``knn_user_decay`` ** a: a user's taste drifts as they rate), and corrects the baseline by the
+residuals of the first ``knn_k`` of the item's neighbours the user rated, each weighted by its
+similarity x ``knn_decay`` ** age; the result (clipped to the rating range) is blended in at
+a weight that grows with the user's n ratings, w = ``knn_weight`` x n / (n + ``knn_ramp``)
+(with a handful of ratings the neighbourhood has little to read):
+    predicted = (1 - w) x factor model + w x neighbourhood.
 Users with no rating get the factor model's prediction alone.
 """
 
@@ -39,12 +42,12 @@ if TYPE_CHECKING:
     from .online import LearnerConfig
 
 BASELINE_ROUNDS = 10
-_NO_ITEMS, _NO_RATINGS = np.zeros(0, np.int64), np.zeros(0, np.float32)  # an unknown user's
+_NONE = (np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64))  # no history
 
 
 def _rated(state: ModelState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every known (user row, item row, latest rating), unknown ratings left out."""
-    indptr, items, ratings = state.seen.csr()
+    indptr, items, ratings, _ = state.seen.csr()
     users = np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
     keep = np.isfinite(ratings)
     return (torch.from_numpy(users[keep]), torch.from_numpy(items[keep]),
@@ -86,7 +89,7 @@ def recompute(state: ModelState, cfg: LearnerConfig, backend: str) -> None:
     state.knn_bias, state.knn_mu = b_i.float(), torch.tensor([mu], dtype=torch.float64)
 
 
-History = Callable[[int], tuple[np.ndarray, np.ndarray]]
+History = Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,11 @@ class Neighbours:
     mu: float
     weight: float
     user_reg: float
+    user_decay: float
     k: int
     reg: float
+    decay: float
+    ramp: float
 
     @classmethod
     def of(cls, state: ModelState, cfg: LearnerConfig) -> Neighbours | None:
@@ -109,7 +115,14 @@ class Neighbours:
         if cfg.knn_weight == 0 or state.knn_rows.shape[0] == 0:
             return None
         return cls(state.knn_rows, state.knn_sims, state.knn_bias, float(state.knn_mu),
-                   cfg.knn_weight, cfg.knn_user_reg, cfg.knn_k, cfg.knn_reg)  # fmt: skip
+                   cfg.knn_weight, cfg.knn_user_reg, cfg.knn_user_decay, cfg.knn_k, cfg.knn_reg,
+                   cfg.knn_decay, cfg.knn_ramp)  # fmt: skip
+
+    def weights(self, counts: torch.Tensor) -> torch.Tensor:
+        """The blend weight (float32 [E]) of users with ``counts`` known ratings (int64 [E]):
+        weight x n / (n + ramp), 0 without ratings."""
+        n = counts.float()
+        return torch.where(counts > 0, self.weight * n / (n + self.ramp).clamp_min(1e-12), 0.0)
 
 
 def predict(
@@ -117,21 +130,22 @@ def predict(
     clip: tuple[float, float], backend: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The neighbourhood predictions of user rows ``users`` (-1: unknown) and item rows
-    ``items`` [E]: (float32 [E], has bool [E]: the user has ratings). ``history(a)``: user
-    row a's rated item rows (sorted int64) and their ratings (float32, all known)."""
+    ``items`` [E]: (float32 [E], counts int64 [E]: the user's known ratings; 0 where the
+    prediction is 0). ``history(a)``: user row a's rated item rows (sorted int64), their
+    ratings (float32, all known) and ages (int64, 0: the latest)."""
     distinct, slots = np.unique(users.numpy(), return_inverse=True)
-    hist_items, hist_ratings = [], []
-    for a in distinct.tolist():
-        h, r = history(a) if a >= 0 else (_NO_ITEMS, _NO_RATINGS)
-        hist_items.append(h)
-        hist_ratings.append(r)
-    indptr, flat_items = rows_csr(hist_items)
-    flat_ratings = rows_csr(hist_ratings, np.float32)[1]
-    return kernels.knn_predict(
+    hist = [history(a) if a >= 0 else _NONE for a in distinct.tolist()]
+    indptr, flat_items = rows_csr([h[0] for h in hist])
+    flat_ratings = rows_csr([h[1] for h in hist], np.float32)[1]
+    flat_ages = rows_csr([h[2] for h in hist])[1]
+    slots = slots.reshape(-1)
+    knn, _ = kernels.knn_predict(
         torch.from_numpy(indptr), torch.from_numpy(flat_items), torch.from_numpy(flat_ratings),
-        torch.from_numpy(slots.reshape(-1)), items, nb.rows, nb.sims, nb.bias, nb.mu,
-        nb.user_reg, nb.k, nb.reg, clip[0], clip[1], backend=backend,
+        torch.from_numpy(flat_ages), torch.from_numpy(slots), items, nb.rows, nb.sims, nb.bias,
+        nb.mu, nb.user_reg, nb.user_decay, nb.k, nb.reg, nb.decay, clip[0], clip[1],
+        backend=backend,
     )  # fmt: skip
+    return knn, torch.from_numpy(np.diff(indptr)[slots])
 
 
 def blend(
@@ -143,22 +157,25 @@ def blend(
     has ratings (module doc); ``predicted`` itself without ``nb``."""
     if nb is None or items.numel() == 0:
         return predicted
-    knn, has = predict(nb, history, users, items, clip, backend)
-    return torch.where(has, (1 - nb.weight) * predicted + nb.weight * knn, predicted)
+    knn, counts = predict(nb, history, users, items, clip, backend)
+    w = nb.weights(counts)
+    return torch.where(counts > 0, (1 - w) * predicted + w * knn, predicted)
 
 
 def for_rerank(
     nb: Neighbours | None, history: History, users: torch.Tensor, top: torch.Tensor,
     depth: int, clip: tuple[float, float], backend: str | None,
-) -> tuple[torch.Tensor, torch.Tensor, float] | None:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
     """``kernels.rerank_mf``'s ``knn`` argument for candidates ``top`` [B, m] of user rows
-    ``users`` [B]: the predictions of the first ``depth`` (None without ``nb``)."""
+    ``users`` [B]: the predictions of the first ``depth`` and their blend weights (None
+    without ``nb``)."""
     cand = top[:, :depth]
     if nb is None or cand.numel() == 0:
         return None
     flat_users = users[:, None].expand_as(cand).reshape(-1)
-    knn, has = predict(nb, history, flat_users, cand.clamp_min(0).reshape(-1), clip, backend)
-    return knn.view(cand.shape), has.view(cand.shape) & (cand >= 0), nb.weight
+    knn, counts = predict(nb, history, flat_users, cand.clamp_min(0).reshape(-1), clip, backend)
+    w = torch.where(cand >= 0, nb.weights(counts).view(cand.shape), 0.0)
+    return knn.view(cand.shape), w
 
 
 def check_config(cfg: LearnerConfig) -> None:
@@ -167,5 +184,9 @@ def check_config(cfg: LearnerConfig) -> None:
     if not all(math.isfinite(x) and x >= 0 for x in reals) or cfg.knn_weight > 1:
         raise ValueError("knn_weight must be in [0, 1]; knn_shrink, knn_reg, knn_user_reg and "
                          "knn_item_reg finite and >= 0")  # fmt: skip
+    if not (math.isfinite(cfg.knn_ramp) and cfg.knn_ramp >= 0):
+        raise ValueError(f"knn_ramp must be finite and >= 0, not {cfg.knn_ramp!r}")
+    if not all(0 < x <= 1 for x in (cfg.knn_user_decay, cfg.knn_decay)):
+        raise ValueError("knn_user_decay and knn_decay must be in (0, 1]")
     if cfg.knn_size < 0 or cfg.knn_k < 0:
         raise ValueError("knn_size and knn_k must be >= 0")

@@ -156,19 +156,45 @@ class LearnerConfig:
     # user rating count (1-10 / 10-30 / 30-100 / 100-300 / more) did not carry from one cut to
     # the other. Then, with the product: k 20 / 80, shrink 50 / 200, user ridge 2 / 10 all
     # within 0.0003 of the defaults on both cuts; item ridge 25 worse (0.9654 / 0.9645).
-    knn_weight: float = 0.3
+    # Recency (same cuts, the product's stream logged): the stream over-predicts heavy users
+    # (users with 100-300 ratings by 0.10-0.13 on both cuts), whose later ratings run lower;
+    # weighting a user's ratings by knn_user_decay ** age in their bias, with knn_user_reg 1
+    # / 2 / 5: decay 0.95 best at 5 (kNN alone on users with ratings 0.9557 -> 0.9517 and
+    # 0.9627 -> 0.9594; 0.9 / 0.97 / 0.99 behind), knn_decay 0.99 on the neighbours' weights
+    # beat 1.0 and 0.97, and then knn_weight 0.4 beat 0.3 / 0.5: stream RMSE 0.9635 / 0.9627
+    # -> 0.9621 / 0.9622. Then, with the residual offsets below: the kNN was worse than the
+    # factor model for users with 1-10 ratings on both cuts (1.080 / 1.064 vs 1.049 / 1.014),
+    # so a user with n ratings blends it at knn_weight x n / (n + knn_ramp): ramp 5 / 10 / 20
+    # at weight 0.5, 10 at 0.55 and 20 at 0.6 gave 0.9582-0.9586 / 0.9601-0.9606 (constant
+    # 0.4: 0.9591 / 0.9612); 10 at 0.5 sits in the middle of that flat patch.
+    knn_weight: float = 0.5
+    knn_ramp: float = 10.0
     knn_size: int = 100  # neighbours kept per item
     knn_k: int = 40  # at most this many of them (the most similar the user rated) per prediction
     knn_shrink: float = 100.0  # similarity x co-raters / (co-raters + knn_shrink)
     knn_reg: float = 0.3  # added to the sum of similarities
     knn_user_reg: float = 5.0  # the baseline's ridge on user biases
+    knn_user_decay: float = 0.95  # a rating's weight in the user's bias: this ** its age
+    knn_decay: float = 0.99  # ... and, times its similarity, as a neighbour
+    # Residual offsets (offsets.py): the stream's prequential residuals by the user's rating
+    # count class and by item, added back at these weights and ridges (0 weights: off). On
+    # the same two cuts, logged with the product above (stream RMSE 0.9621 / 0.9622): by
+    # item alone (ridge 2 / 3 / 5 / 10, weight 0.2-0.35) 0.9597-0.9601 / 0.9612-0.9614; by
+    # count class alone (ridge 100-400, weight 0.35-0.75) 0.9612-0.9613 / 0.9621-0.9625; both,
+    # class ridge 400 weight 0.5 and item ridge 2 weight 0.2, 0.9590 / 0.9612 (ridge 200 / 400,
+    # weight 0.35 / 0.5 / 0.75 and item ridge 2 / 3 / 5 all within 0.0003 of it).
+    offset_count_weight: float = 0.5
+    offset_count_reg: float = 400.0
+    offset_item_weight: float = 0.2
+    offset_item_reg: float = 2.0
     knn_item_reg: float = 10.0  # ... and on item biases
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from .neighbours import check_config
+        from . import neighbours, offsets
 
-        check_config(self)
+        neighbours.check_config(self)
+        offsets.check_config(self)
         if self.rank_by not in ("softmax", "rating"):
             raise ValueError(f"rank_by must be 'softmax' or 'rating', not {self.rank_by!r}")
         if self.history_len < 1 or not 0 < self.history_decay <= 1 or self.negatives < 1:

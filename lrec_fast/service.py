@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import consolidation, kernels, neighbours, online, ranking
+from . import consolidation, kernels, neighbours, offsets, online, ranking
 from .consolidation import ConsolidationReport, RefitReport
 from .kernels.reference import SCALE_ITEM, SCALE_ITEM_BIAS, SCALE_USER, SCALE_USER_BIAS
 from .model import Id, ModelState, load_state, rows_csr, save_state
@@ -337,6 +337,10 @@ class Recommender:
             try:
                 if emb is not None:
                     self._append_items(new_items, emb)
+                if offsets.enabled(cfg):  # what predict said before this batch: its errors
+                    items_now = torch.tensor([st.items.index[j] for j in i], dtype=torch.int64)
+                    served, idx = self._served(u, items_now)
+                    counts = self._counts(idx)
                 ui, ii = self._index(u, i)
                 touched = ui.unique()
                 recent = st.user_recent.t[touched].clone()
@@ -367,6 +371,8 @@ class Recommender:
                         fn()
                     st.truncate(mark)
                 raise
+            if offsets.enabled(cfg):
+                offsets.learn(st, cfg, counts, ii, r, served, self.rating_range)
             online.count_events(st, ii, cfg)
             online.reservoir_add(st, ui, ii, r, hist, cfg)
             st.remember((ui, ii, r, hist), cfg.consolidate_window)
@@ -465,7 +471,25 @@ class Recommender:
             n = v.shape[0]
             users = torch.tensor(idx, dtype=torch.int64).repeat_interleave(n)
             items = torch.arange(n).repeat(len(idx))
-            return self._blended(users, items, s.reshape(-1)).view(s.shape).numpy()
+            p = self._blended(users, items, s.reshape(-1))
+            p += offsets.total(self.state, self.config, self._counts(idx).repeat_interleave(n),
+                               items)  # fmt: skip
+            return p.view(s.shape).numpy()
+
+    def _counts(self, idx: list[int]) -> torch.Tensor:
+        """How many items each user row in ``idx`` (-1: unknown) has rated, int64 [B]."""
+        seen = self.state.seen
+        return torch.tensor([len(seen[a]) if a >= 0 else 0 for a in idx], dtype=torch.int64)
+
+    def _served(self, u: list[Id], ii: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """The predicted ratings (float32 [E], residual offsets left out) of users ``u`` and
+        item rows ``ii``, and the users' rows (-1: unknown)."""
+        q, b, idx = self._queries(u)
+        st = self.state
+        v = st.item_rows.t[ii] * float(st.scales[SCALE_ITEM])  # the rows asked for only
+        bv = st.item_bias.t[ii] * float(st.scales[SCALE_ITEM_BIAS])
+        p = (q * v).sum(1) + bv + b + float(st.mu)
+        return self._blended(torch.tensor(idx, dtype=torch.int64), ii, p), idx
 
     def _blended(self, users: torch.Tensor, items: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """The factor model's ratings ``p`` [E] with the neighbourhood correction blended in."""
@@ -595,13 +619,9 @@ class Recommender:
             missing = [j for j in i if j not in self.state.items]
             if missing:
                 raise ValueError(f"unknown items: {missing[:5]}")
-            q, b, idx = self._queries(u)
-            st = self.state
-            ii = torch.tensor([st.items.index[j] for j in i], dtype=torch.int64)
-            v = st.item_rows.t[ii] * float(st.scales[SCALE_ITEM])  # the rows asked for only
-            bv = st.item_bias.t[ii] * float(st.scales[SCALE_ITEM_BIAS])
-            p = (q * v).sum(1) + bv + b + float(st.mu)
-            p = self._blended(torch.tensor(idx, dtype=torch.int64), ii, p)
+            ii = torch.tensor([self.state.items.index[j] for j in i], dtype=torch.int64)
+            p, idx = self._served(u, ii)
+            p += offsets.total(self.state, self.config, self._counts(idx), ii)
             return p.numpy().astype(np.float32)
 
     # -- persistence -------------------------------------------------------------------------
@@ -629,6 +649,11 @@ class Recommender:
         learner.setdefault("user_gain", 1.0)
         learner.setdefault("refit_every", 0)  # ... and before the refit: none, as it was
         learner.setdefault("knn_weight", 0.0)  # ... and before the neighbourhood correction
+        learner.setdefault("knn_user_decay", 1.0)  # ... and before its recency weights
+        learner.setdefault("knn_decay", 1.0)
+        learner.setdefault("knn_ramp", 0.0)
+        learner.setdefault("offset_count_weight", 0.0)  # ... and before the residual offsets
+        learner.setdefault("offset_item_weight", 0.0)
         lr, wd = learner.pop("lr"), learner.pop("weight_decay")
         rec = cls(state.dim, lr, wd, backend, encoder=cfg["encoder"],
                   rating_range=tuple(cfg["rating_range"]), cache_dir=cache_dir,

@@ -443,9 +443,11 @@ def test_reference_rerank_is_the_documented_order(rng):
 def test_rerank_mf_matches_reference(backend, rng, b, m, depth, integer):
     scores, top, users, tables, scales, mu = rerank_case(rng, b, m, 60, integer)
     before = (scores.clone(), top.clone())
-    d = min(depth, m)  # the neighbourhood predictions blended in where has (quarters: exact)
-    knn = (torch.from_numpy(rng.integers(4, 21, (b, d)).astype(np.float32) / 4),
-           torch.from_numpy(rng.random((b, d)) < 0.5), 0.25)  # fmt: skip
+    d = min(depth, m)  # the neighbourhood predictions blended in at weights 0, 1/4 or 1/2
+    knn = (
+        torch.from_numpy(rng.integers(4, 21, (b, d)).astype(np.float32) / 4),
+        torch.from_numpy(rng.integers(0, 3, (b, d)).astype(np.float32) / 4),
+    )  # (exact)
     for w, nb in ((0.0, None), (2.0, None), (2.0, knn)):
         want = ref.rerank_mf(scores, top, users, *tables, scales, mu, w, depth, nb)
         got = kernels.rerank_mf(scores, top, users, *tables, scales, mu, w, depth, nb,

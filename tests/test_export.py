@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from lrec_fast import Recommender
+from lrec_fast import Recommender, offsets
 from lrec_fast import neighbours as knn
 from lrec_fast.cli import main as cli_main
 from lrec_fast.export import (
@@ -67,8 +67,13 @@ def torch_encoder(ml) -> TorchMiniLM:
 def trained(ml, torch_encoder) -> Recommender:
     rec = Recommender(encoder=torch_encoder)
     rec.add_items(ml.item_ids, ml.item_text)
-    warm = ml.events.take(slice(0, len(ml.events) // 2))
+    half = len(ml.events) // 2
+    warm = ml.events.take(slice(0, half))
     rec.fit(warm.user, warm.item, warm.rating)
+    for s in range(half, half + 300, 100):  # a little stream: residual offsets to export
+        ev = ml.events.take(slice(s, s + 100))
+        rec.feedback(ev.user, ev.item, ev.rating)
+    assert rec.state.offset_class.any() and rec.state.offset_item.t.any()
     return rec
 
 
@@ -159,6 +164,10 @@ def test_add_items_through_the_onnx_encoder(trained, deployed, torch_encoder, pr
         new_row = torch.full((len(users),), n + c)
         want[:, c] = knn.blend(nb, trained.state.seen.history, rows, new_row, want[:, c],
                                       trained.rating_range, "torch")  # fmt: skip
+    # plus the offset of each user's rating count class (new items have no residuals yet)
+    counts = torch.tensor([len(trained.state.seen[a]) for a in rows.tolist()])
+    by_class, _ = offsets.terms(trained.state, trained.config, counts, torch.zeros_like(counts))
+    want += by_class.float()[:, None]
     want = want.numpy()
     got = np.stack([dep.predict(users, [j] * len(users)) for j in ids], axis=1)
     np.testing.assert_allclose(got, want, atol=1e-3 if precision == "fp32" else 0.1)

@@ -95,20 +95,25 @@ def random_histories(rng: np.random.Generator, n_users: int, n_items: int):
     indptr = torch.tensor(np.concatenate([[0], np.cumsum([len(h) for h in hist])]))
     items = torch.from_numpy(np.concatenate(hist).astype(np.int64))
     ratings = torch.from_numpy(rng.integers(1, 6, items.numel()).astype(np.float32))
-    return indptr, items, ratings
+    ages = torch.from_numpy(
+        np.concatenate([rng.permutation(len(h)) for h in hist]).astype(np.int64)
+    )
+    return indptr, items, ratings, ages
 
 
 @pytest.mark.parametrize("k,reg", [(0, 0.3), (1, 0.3), (3, 0.0), (40, 0.3)])
-def test_knn_predict_numba_matches_reference(rng, k, reg):
+@pytest.mark.parametrize("user_decay,decay", [(1.0, 1.0), (0.9, 0.8), (1e-3, 1.0)])
+def test_knn_predict_numba_matches_reference(rng, k, reg, user_decay, decay):
     n_items, table = 30, 26  # items 26-29 came after the neighbours were computed
-    indptr, hist, ratings = random_histories(rng, 12, n_items)
+    indptr, hist, ratings, ages = random_histories(rng, 12, n_items)
     nbr = torch.from_numpy(rng.integers(-1, table, (table, 15)))  # -1 anywhere, repeats too
     sims = torch.from_numpy(rng.uniform(0, 1, (table, 15)).astype(np.float32))
     sims[3] = 1e6  # extreme weights: the result still clipped to the range
     bias = torch.from_numpy(rng.normal(size=table).astype(np.float32))
     slots = torch.from_numpy(rng.integers(0, 12, 200))
     items = torch.from_numpy(rng.integers(0, n_items, 200))
-    args = (indptr, hist, ratings, slots, items, nbr, sims, bias, 3.5, 5.0, k, reg, 1.0, 5.0)
+    args = (indptr, hist, ratings, ages, slots, items, nbr, sims, bias, 3.5, 5.0, user_decay, k,
+            reg, decay, 1.0, 5.0)  # fmt: skip
     want, want_has = kernels.knn_predict(*args, backend="torch")
     got, got_has = kernels.knn_predict(*args, backend="numba")
     assert torch.equal(got_has, want_has)
@@ -117,27 +122,31 @@ def test_knn_predict_numba_matches_reference(rng, k, reg):
     assert bool(((want >= 1) & (want <= 5))[want_has].all()) and not want[~want_has].any()
     assert bool(torch.isfinite(got).all())  # also at reg 0 where no neighbour was rated
     empty = torch.zeros(0, dtype=torch.int64)
-    out, has = kernels.knn_predict(indptr, hist, ratings, empty, empty, *args[5:],
+    out, has = kernels.knn_predict(indptr, hist, ratings, ages, empty, empty, *args[6:],
                                    backend="numba")  # fmt: skip
     assert out.numel() == 0 and has.numel() == 0
 
 
 def test_knn_predict_reference_by_hand():
-    # one user rated items 1 (5 stars) and 3 (2 stars); item 0's neighbours: 3, 2, 1
+    # one user rated item 3 (2 stars), then item 1 (5 stars); item 0's neighbours: 3, 2, 1
     indptr, hist, ratings = torch.tensor([0, 2]), torch.tensor([1, 3]), torch.tensor([5.0, 2.0])
+    ages = torch.tensor([0, 1])  # item 1 is the latest rating
     nbr = torch.tensor([[3, 2, 1], [-1, -1, -1], [-1, -1, -1], [-1, -1, -1]])
     sims = torch.tensor([[0.5, 0.9, 0.25], [0, 0, 0], [0, 0, 0], [0, 0, 0]])
     bias = torch.tensor([0.5, 1.0, -1.0, -0.5])
     mu, user_reg, reg = 3.0, 2.0, 0.25
-    b_a = ((5 - 3 - 1.0) + (2 - 3 + 0.5)) / (2 + user_reg)  # 0.125
-    for k, used in ((1, [(0.5, 2 - 3 - b_a + 0.5)]),
-                    (3, [(0.5, 2 - 3 - b_a + 0.5), (0.25, 5 - 3 - b_a - 1.0)])):  # fmt: skip
-        out, has = kernels.knn_predict(indptr, hist, ratings, torch.tensor([0]),
-                                       torch.tensor([0]), nbr, sims, bias, mu, user_reg, k,
-                                       reg, 1.0, 5.0, backend="torch")  # fmt: skip
-        corr = sum(s * x for s, x in used) / (sum(s for s, _ in used) + reg)
-        assert has.tolist() == [True]
-        assert out.item() == pytest.approx(mu + b_a + 0.5 + corr, rel=1e-6)
+    for user_decay, decay in ((1.0, 1.0), (0.5, 0.8)):
+        w = (1.0, user_decay)  # item 1's rating, item 3's (one rating older)
+        b_a = (w[0] * (5 - 3 - 1.0) + w[1] * (2 - 3 + 0.5)) / (sum(w) + user_reg)
+        first = (0.5 * decay, 2 - 3 - b_a + 0.5)  # item 3: one rating old
+        for k, used in ((1, [first]), (3, [first, (0.25, 5 - 3 - b_a - 1.0)])):
+            out, has = kernels.knn_predict(indptr, hist, ratings, ages, torch.tensor([0]),
+                                           torch.tensor([0]), nbr, sims, bias, mu, user_reg,
+                                           user_decay, k, reg, decay, 1.0, 5.0,
+                                           backend="torch")  # fmt: skip
+            corr = sum(s * x for s, x in used) / (sum(s for s, _ in used) + reg)
+            assert has.tolist() == [True]
+            assert out.item() == pytest.approx(mu + b_a + 0.5 + corr, rel=1e-6)
 
 
 def test_baseline_at_ridge_zero_leaves_unrated_items_and_users_at_zero():
@@ -161,21 +170,27 @@ def test_baseline_is_the_ridge_solution():
 
 def test_predict_blends_the_neighbourhood_in_for_users_with_ratings(fitted, stream):
     st, cfg = fitted.state, fitted.config
-    assert cfg.knn_weight == 0.3 and st.knn_rows.shape == (80, cfg.knn_size)  # from the fit
+    assert (cfg.knn_weight, cfg.knn_ramp) == (0.5, 10.0)
+    assert st.knn_rows.shape == (80, cfg.knn_size)  # from the fit
     users = [stream.user_ids[0], stream.user_ids[5], "newcomer"]
     items = [stream.item_ids[3], stream.item_ids[40], stream.item_ids[7]]
     got = fitted.predict(users, items)
     cfg.knn_weight = 0.0
     mf = torch.from_numpy(fitted.predict(users, items))
-    cfg.knn_weight = 0.3
+    cfg.knn_weight = 0.5
     rows = torch.tensor([st.users.index[u] for u in users[:2]] + [-1])
     ii = torch.tensor([st.items.index[i] for i in items])
-    indptr, hist, rated = (torch.from_numpy(x) for x in st.seen.csr())
-    knn, has = kernels.knn_predict(indptr, hist, rated, rows.clamp_min(0), ii, st.knn_rows,
-                                   st.knn_sims, st.knn_bias, float(st.knn_mu), cfg.knn_user_reg,
-                                   cfg.knn_k, cfg.knn_reg, 1.0, 5.0, backend="torch")  # fmt: skip
+    indptr, hist, rated, ages = (torch.from_numpy(x) for x in st.seen.csr())
+    assert ages.unique().numel() > 1  # the fixture's users rated in turn: recency counts
+    knn, has = kernels.knn_predict(indptr, hist, rated, ages, rows.clamp_min(0), ii,
+                                   st.knn_rows, st.knn_sims, st.knn_bias, float(st.knn_mu),
+                                   cfg.knn_user_reg, cfg.knn_user_decay, cfg.knn_k, cfg.knn_reg,
+                                   cfg.knn_decay, 1.0, 5.0, backend="torch")  # fmt: skip
     assert has[:2].all()
-    want = 0.7 * mf + 0.3 * knn
+    n = (indptr[rows.clamp_min(0) + 1] - indptr[rows.clamp_min(0)]).double()
+    w = (0.5 * n / (n + 10)).float()  # the user's n ratings: weight 0.5 n / (n + 10)
+    assert 0.2 < float(w[0]) < 0.5
+    want = (1 - w) * mf + w * knn
     assert np.allclose(got[:2], want[:2].numpy(), rtol=1e-5)
     assert got[2] == mf[2].item()  # no ratings: the factor model alone
     assert not np.allclose(got[:2], mf[:2].numpy())
@@ -206,16 +221,17 @@ def test_checkpoints_keep_it_and_old_ones_load_without_it(fitted, stream, tmp_pa
     assert np.array_equal(again.predict(users, items), fitted.predict(users, items))
     path = tmp_path / "ck" / "model.safetensors"
     save_file({k: v for k, v in load_file(str(path)).items()
-               if not k.startswith("knn_") and k != "seen_ratings"}, str(path))  # fmt: skip
+               if not k.startswith("knn_") and k not in ("seen_ratings", "seen_ages")},
+              str(path))  # fmt: skip
     meta = tmp_path / "ck" / "state.json"
-    meta.write_text(meta.read_text().replace('"knn_weight": 0.3, ', ""))
+    meta.write_text(meta.read_text().replace('"knn_weight": 0.5, ', ""))
     old = Recommender.load(tmp_path / "ck")
     assert old.config.knn_weight == 0.0 and old.state.knn_rows.numel() == 0
     assert old.state.seen.history(0)[1].size == 0  # every rating unknown: none to read
     fitted.config.knn_weight = 0.0  # what the old model predicts: the factor model's ratings
     assert np.array_equal(old.predict(users, items), fitted.predict(users, items))
     # switched on later: the unknown (NaN) ratings are left out, the new ones count
-    old.config.knn_weight = 0.3
+    old.config.knn_weight = 0.4
     ev = stream.events.take(slice(1500, 1600))
     old.feedback(ev.user, ev.item, ev.rating)
     neighbours.recompute(old.state, old.config, old.backend)
@@ -224,9 +240,9 @@ def test_checkpoints_keep_it_and_old_ones_load_without_it(fitted, stream, tmp_pa
     quiet = next(u for u in stream.user_ids if u not in set(ev.user.tolist()))
     rows = torch.tensor([st.users.index[u] for u in (ev.user[0], quiet)])
     nb = neighbours.Neighbours.of(st, old.config)
-    knn, has = neighbours.predict(nb, st.seen.history, rows, torch.tensor([3, 3]), (1.0, 5.0),
-                                  "numba")  # fmt: skip
-    assert has.tolist() == [True, False] and bool(torch.isfinite(knn).all())
+    knn, counts = neighbours.predict(nb, st.seen.history, rows, torch.tensor([3, 3]), (1.0, 5.0),
+                                     "numba")  # fmt: skip
+    assert counts[0] > 0 and counts[1] == 0 and bool(torch.isfinite(knn).all())
 
 
 @pytest.mark.parametrize("flaw", ["row", "shape", "nan"])
@@ -247,8 +263,40 @@ def test_malformed_neighbours_are_refused(fitted, tmp_path, flaw):
         Recommender.load(tmp_path / "ck")
 
 
+def test_checkpoints_before_recency_and_ramp_load_without_them(fitted, stream, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    fitted.save(tmp_path / "ck")
+    path, meta = tmp_path / "ck" / "model.safetensors", tmp_path / "ck" / "state.json"
+    save_file({k: v for k, v in load_file(str(path)).items() if k != "seen_ages"}, str(path))
+    text = meta.read_text()
+    for key in ('"knn_user_decay": 0.95, ', '"knn_decay": 0.99, ', '"knn_ramp": 10.0, '):
+        assert key in text
+        text = text.replace(key, "")
+    meta.write_text(text)
+    old = Recommender.load(tmp_path / "ck")
+    assert (old.config.knn_user_decay, old.config.knn_decay, old.config.knn_ramp) == (1, 1, 0)
+    fitted.config.knn_user_decay = fitted.config.knn_decay = 1.0  # every rating alike
+    fitted.config.knn_ramp = 0.0  # ... and the one weight for all
+    users, items = list(stream.user_ids[:5]), list(stream.item_ids[10:15])
+    assert np.allclose(old.predict(users, items), fitted.predict(users, items), rtol=1e-6)
+
+
+def test_malformed_ages_are_refused(fitted, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    fitted.save(tmp_path / "ck")
+    path = tmp_path / "ck" / "model.safetensors"
+    t = load_file(str(path))
+    t["seen_ages"][0] = t["seen_ages"][1]  # two ratings of the same age
+    save_file(t, str(path))
+    with pytest.raises(ValueError, match="ages"):
+        Recommender.load(tmp_path / "ck")
+
+
 BAD = [{"knn_weight": 1.5}, {"knn_weight": -0.1}, {"knn_size": -1}, {"knn_k": -2},
-       {"knn_shrink": math.nan}, {"knn_reg": -1.0}]  # fmt: skip
+       {"knn_shrink": math.nan}, {"knn_reg": -1.0}, {"knn_user_decay": 0.0},
+       {"knn_decay": 1.5}, {"knn_decay": math.nan}, {"knn_ramp": -1.0}]  # fmt: skip
 
 
 @pytest.mark.parametrize("bad", BAD)

@@ -543,11 +543,11 @@ def _rerank_rows(
     scores: np.ndarray, top: np.ndarray, users: np.ndarray, urows: np.ndarray,
     irows: np.ndarray, ubias: np.ndarray, ibias: np.ndarray, s_dot: np.float32,
     s_bu: np.float32, s_bv: np.float32, mu: np.float32, weight: np.float32, depth: int,
-    shift: np.ndarray, knn_val: np.ndarray, knn_has: np.ndarray, knn_w: np.float32,
+    shift: np.ndarray, knn_val: np.ndarray, knn_w: np.ndarray,
 ) -> None:  # fmt: skip
     """``reference.rerank_mf`` in place on scores [B, m] / top [B, m]: per query, the blended
     score of its first ``depth`` candidates (one dot product each, and the neighbourhood
-    prediction blended in where ``knn_has`` [B, depth]), an insertion sort of them (depth is
+    prediction blended in at ``knn_w`` [B, depth] where > 0), an insertion sort of them (depth is
     small: 30 by default), and the shift of the rest."""
     nb, m = top.shape
     d = urows.shape[1]
@@ -569,8 +569,9 @@ def _rerank_rows(
             for t in range(d):
                 acc += urows[u, t] * irows[j, t]
             pred = (mu + ubias[u] * s_bu + ibias[j] * s_bv) + acc * s_dot
-            if knn_has[b, c]:
-                pred = (np.float32(1.0) - knn_w) * pred + knn_w * knn_val[b, c]
+            w = knn_w[b, c]
+            if w > 0:
+                pred = (np.float32(1.0) - w) * pred + w * knn_val[b, c]
             bl[c] = scores[b, c] + weight * pred
             low = min(low, bl[c])
             any_valid = True
@@ -594,7 +595,7 @@ def rerank_mf(
     scores: torch.Tensor, top: torch.Tensor, users: torch.Tensor, user_rows: torch.Tensor,
     item_rows: torch.Tensor, user_bias: torch.Tensor, item_bias: torch.Tensor,
     scales: torch.Tensor, mu: torch.Tensor, weight: float, depth: int,
-    knn: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    knn: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``reference.rerank_mf`` in one compiled pass (no per-call torch sorts or gathers)."""
     depth = min(depth, top.shape[1])
@@ -602,10 +603,9 @@ def rerank_mf(
     if weight == 0 or depth == 0 or top.shape[0] == 0:
         return scores, top, shift
     if knn is None:
-        knn_has = np.zeros((top.shape[0], depth), np.bool_)
-        knn_val, knn_w = np.zeros((top.shape[0], depth), np.float32), 0.0
+        knn_val = knn_w = np.zeros((top.shape[0], depth), np.float32)
     else:
-        knn_val, knn_has, knn_w = _f32(knn[0]), knn[1].numpy(), knn[2]
+        knn_val, knn_w = _f32(knn[0]), _f32(knn[1])
     out_s = scores.detach().float().numpy().copy()
     out_t = top.numpy().astype(np.int64, copy=True)
     sc = scales.tolist()
@@ -613,7 +613,7 @@ def rerank_mf(
                  _f32(item_rows), _f32(user_bias), _f32(item_bias),
                  np.float32(sc[SCALE_USER] * sc[SCALE_ITEM]), np.float32(sc[SCALE_USER_BIAS]),
                  np.float32(sc[SCALE_ITEM_BIAS]), np.float32(float(mu)), np.float32(weight),
-                 depth, shift.numpy(), knn_val, knn_has, np.float32(knn_w))  # fmt: skip
+                 depth, shift.numpy(), knn_val, knn_w)  # fmt: skip
     return torch.from_numpy(out_s), torch.from_numpy(out_t), shift
 
 
@@ -1021,10 +1021,10 @@ def item_neighbours(
 
 @njit(cache=True)
 def _knn_rows(
-    indptr: np.ndarray, hist_items: np.ndarray, hist_ratings: np.ndarray, slots: np.ndarray,
-    items: np.ndarray, nbr_rows: np.ndarray, nbr_sims: np.ndarray, item_bias: np.ndarray,
-    mu: float, user_reg: float, k: int, reg: float, lo: float, hi: float, where: np.ndarray,
-    out: np.ndarray, has: np.ndarray,
+    indptr: np.ndarray, hist_items: np.ndarray, hist_ratings: np.ndarray, hist_ages: np.ndarray,
+    slots: np.ndarray, items: np.ndarray, nbr_rows: np.ndarray, nbr_sims: np.ndarray,
+    item_bias: np.ndarray, mu: float, user_reg: float, user_decay: float, k: int, reg: float,
+    decay: float, lo: float, hi: float, where: np.ndarray, out: np.ndarray, has: np.ndarray,
 ) -> None:  # fmt: skip
     """Events grouped by history: each history's items are marked in ``where`` (item row ->
     position, -1 elsewhere; left all -1 again), so each neighbour is one lookup. Serial on
@@ -1040,13 +1040,15 @@ def _knn_rows(
             e1 += 1
         a0, a1 = indptr[s], indptr[s + 1]
         if a1 > a0:
-            total = 0.0
+            total = weight = 0.0
             for t in range(a0, a1):
                 h = hist_items[t]
                 where[h] = t
-                total += np.float64(hist_ratings[t]) - mu
-                total -= np.float64(item_bias[h]) if h < n_b else 0.0
-            b_a = total / (a1 - a0 + user_reg)
+                w = user_decay ** np.float64(hist_ages[t])
+                b_h = np.float64(item_bias[h]) if h < n_b else 0.0
+                total += w * (np.float64(hist_ratings[t]) - mu - b_h)
+                weight += w
+            b_a = total / (weight + user_reg)
             for q in range(e0, e1):
                 e, j = order[q], items[order[q]]
                 num = den = 0.0
@@ -1058,9 +1060,10 @@ def _knn_rows(
                             break
                         if h < 0 or where[h] < 0:
                             continue
-                        sim = np.float64(nbr_sims[j, t])
+                        p = where[h]
+                        sim = np.float64(nbr_sims[j, t]) * decay ** np.float64(hist_ages[p])
                         b_h = np.float64(item_bias[h]) if h < n_b else 0.0
-                        num += sim * (np.float64(hist_ratings[where[h]]) - mu - b_a - b_h)
+                        num += sim * (np.float64(hist_ratings[p]) - mu - b_a - b_h)
                         den += sim
                         used += 1
                 b_j = np.float64(item_bias[j]) if j < n_b else 0.0
@@ -1085,9 +1088,9 @@ def _positions(n: int) -> np.ndarray:
 
 def knn_predict(
     indptr: torch.Tensor, hist_items: torch.Tensor, hist_ratings: torch.Tensor,
-    slots: torch.Tensor, items: torch.Tensor, nbr_rows: torch.Tensor, nbr_sims: torch.Tensor,
-    item_bias: torch.Tensor, mu: float, user_reg: float, k: int, reg: float, lo: float,
-    hi: float,
+    hist_ages: torch.Tensor, slots: torch.Tensor, items: torch.Tensor, nbr_rows: torch.Tensor,
+    nbr_sims: torch.Tensor, item_bias: torch.Tensor, mu: float, user_reg: float,
+    user_decay: float, k: int, reg: float, decay: float, lo: float, hi: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``reference.knn_predict``, one compiled pass over the events."""
     n = items.numel()
@@ -1095,7 +1098,8 @@ def knn_predict(
     if n:
         h = _i64(hist_items)
         where = _positions(max(nbr_rows.shape[0], int(h.max()) + 1 if h.size else 0))
-        _knn_rows(_i64(indptr), h, _f32(hist_ratings), _i64(slots), _i64(items),
-                  _i64(nbr_rows), _f32(nbr_sims), _f32(item_bias), float(mu), float(user_reg),
-                  int(k), float(reg), float(lo), float(hi), where, out, has)  # fmt: skip
+        _knn_rows(_i64(indptr), h, _f32(hist_ratings), _i64(hist_ages), _i64(slots),
+                  _i64(items), _i64(nbr_rows), _f32(nbr_sims), _f32(item_bias), float(mu),
+                  float(user_reg), float(user_decay), int(k), float(reg), float(decay),
+                  float(lo), float(hi), where, out, has)  # fmt: skip
     return torch.from_numpy(out), torch.from_numpy(has)

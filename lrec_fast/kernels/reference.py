@@ -506,12 +506,12 @@ def rerank_mf(
     scores: torch.Tensor, top: torch.Tensor, users: torch.Tensor, user_rows: torch.Tensor,
     item_rows: torch.Tensor, user_bias: torch.Tensor, item_bias: torch.Tensor,
     scales: torch.Tensor, mu: torch.Tensor, weight: float, depth: int,
-    knn: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    knn: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``rerank`` with the biased factorisation's predicted rating (``predict``) of query b's
     user row ``users[b]`` (int64 [B]): what ``recommend`` re-ranks with. ``knn``: the
-    neighbourhood predictions of the first min(depth, m) candidates (float32 [B, depth], has
-    bool [B, depth], weight w), blended in as (1 - w) x rating + w x prediction where has.
+    neighbourhood predictions of the first min(depth, m) candidates and their weights w
+    (float32 [B, depth] each), blended in as (1 - w) x rating + w x prediction where w > 0.
     Returns new tensors (scores, top, shift)."""
 
     def rating(items: torch.Tensor) -> torch.Tensor:
@@ -519,7 +519,7 @@ def rerank_mf(
         r = predict(user_rows, item_rows, user_bias, item_bias, scales, mu, flat_users,
                     items.reshape(-1)).view(items.shape)  # fmt: skip
         if knn is not None:
-            r = torch.where(knn[1], (1 - knn[2]) * r + knn[2] * knn[0], r)
+            r = torch.where(knn[1] > 0, (1 - knn[1]) * r + knn[1] * knn[0], r)
         return r
 
     return rerank(scores, top, rating, weight, depth)
@@ -563,18 +563,19 @@ def item_neighbours(
 
 def knn_predict(
     indptr: torch.Tensor, hist_items: torch.Tensor, hist_ratings: torch.Tensor,
-    slots: torch.Tensor, items: torch.Tensor, nbr_rows: torch.Tensor, nbr_sims: torch.Tensor,
-    item_bias: torch.Tensor, mu: float, user_reg: float, k: int, reg: float, lo: float,
-    hi: float,
+    hist_ages: torch.Tensor, slots: torch.Tensor, items: torch.Tensor, nbr_rows: torch.Tensor,
+    nbr_sims: torch.Tensor, item_bias: torch.Tensor, mu: float, user_reg: float,
+    user_decay: float, k: int, reg: float, decay: float, lo: float, hi: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Item-kNN predicted ratings of events (history ``slots[e]``, item row ``items[e]``).
-    History s: sorted item rows ``hist_items[indptr[s]:indptr[s+1]]`` with their ratings.
-    With b_h = ``item_bias[h]`` (0 past its end) and the user's bias from their history,
-    b_a = sum_h (r_h - mu - b_h) / (n + user_reg), the prediction is
-        clip(mu + b_a + b_j + sum_N s_jh (r_h - mu - b_a - b_h) / (sum_N s_jh + reg), lo, hi)
-    over N = the first k of item j's neighbours (``nbr_rows[j]``, most similar first; none
-    past the table's end) that the user rated. Returns (float32 [E], has [E] bool: False for
-    an empty history, whose value is 0)."""
+    History s: sorted item rows ``hist_items[indptr[s]:indptr[s+1]]`` with their ratings and
+    ages (0: the user's latest rating, 1 the one before, ...). With b_h = ``item_bias[h]`` (0
+    past its end), recency weights w_h = user_decay ** age_h and the user's bias from their
+    history, b_a = sum_h w_h (r_h - mu - b_h) / (sum_h w_h + user_reg), the prediction is
+        clip(mu + b_a + b_j + sum_N c_h (r_h - mu - b_a - b_h) / (sum_N c_h + reg), lo, hi),
+    c_h = s_jh decay ** age_h, over N = the first k of item j's neighbours (``nbr_rows[j]``,
+    most similar first; none past the table's end) that the user rated. Returns (float32 [E],
+    has [E] bool: False for an empty history, whose value is 0)."""
     out = torch.zeros(items.numel(), dtype=torch.float32)
     has = torch.zeros(items.numel(), dtype=torch.bool)
     n_b = item_bias.numel()
@@ -587,19 +588,23 @@ def knn_predict(
 
     for e in range(items.numel()):
         s, j = int(slots[e]), int(items[e])
-        h = hist_items[int(indptr[s]) : int(indptr[s + 1])]
+        lo_s, hi_s = int(indptr[s]), int(indptr[s + 1])
+        h = hist_items[lo_s:hi_s]
         if h.numel() == 0:
             continue
-        r = hist_ratings[int(indptr[s]) : int(indptr[s + 1])].double()
-        b_a = float((r - mu - bias(h)).sum()) / (h.numel() + user_reg)
+        r = hist_ratings[lo_s:hi_s].double()
+        age = hist_ages[lo_s:hi_s].double()
+        w = torch.pow(torch.tensor(user_decay, dtype=torch.float64), age)
+        b_a = float((w * (r - mu - bias(h))).sum()) / (float(w.sum()) + user_reg)
         num = den = 0.0
         if j < nbr_rows.shape[0]:
             nbrs, sims = nbr_rows[j], nbr_sims[j].double()
             rated = (nbrs >= 0) & torch.isin(nbrs, h)
             pick = torch.nonzero(rated).flatten()[:k]
             where = torch.searchsorted(h, nbrs[pick])
-            num = float((sims[pick] * (r[where] - mu - b_a - bias(nbrs[pick]))).sum())
-            den = float(sims[pick].sum())
+            c = sims[pick] * torch.pow(torch.tensor(decay, dtype=torch.float64), age[where])
+            num = float((c * (r[where] - mu - b_a - bias(nbrs[pick]))).sum())
+            den = float(c.sum())
         b_j = float(bias(torch.tensor([j]))[0])
         corr = num / (den + reg) if den + reg > 0 else 0.0  # none rated, at reg 0: none
         out[e] = min(max(mu + b_a + b_j + corr, lo), hi)
