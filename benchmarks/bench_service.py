@@ -57,20 +57,32 @@ def test_recommend(benchmark, rec, b, rerank):
     assert items.shape == (b, 10)
 
 
-@pytest.mark.parametrize("knn", [True, False], ids=["knn", "mf-only"])
+def switched_off(rec: Recommender, names: list[str]) -> dict[str, float]:
+    """Set the config's ``names`` to 0; returns their values to restore."""
+    saved = {k: getattr(rec.config, k) for k in names}
+    for k in names:
+        setattr(rec.config, k, 0.0)
+    return saved
+
+
+OFFSETS = ["offset_count_weight", "offset_item_weight"]
+
+
+@pytest.mark.parametrize("what", ["full", "knn", "mf-only"])
 @pytest.mark.parametrize("n", [1, 100])
-def test_predict(benchmark, rec, n, knn):
-    """predict() of n (user, item) pairs of known users: with the neighbourhood correction
-    (the default) and the factor model alone."""
+def test_predict(benchmark, rec, n, what):
+    """predict() of n (user, item) pairs of known users: the default (neighbourhood correction
+    and residual offsets), without the offsets, and the factor model alone."""
     ids = rec.state.users.ids
     users, items = [ids[j % len(ids)] for j in range(n)], rec.item_ids[:n]
     benchmark.group = f"service predict n={n}"
-    weight = rec.config.knn_weight
-    rec.config.knn_weight = weight if knn else 0.0
+    off = {"full": [], "knn": OFFSETS, "mf-only": [*OFFSETS, "knn_weight"]}[what]
+    saved = switched_off(rec, off)
     try:
         benchmark(rec.predict, users, items)
     finally:
-        rec.config.knn_weight = weight
+        for k, v in saved.items():
+            setattr(rec.config, k, v)
 
 
 @pytest.mark.parametrize("b", [1, 64])
@@ -81,12 +93,20 @@ def test_bare_torch_scoring(benchmark, rec, b):
     benchmark(lambda: torch.topk(torch.addmm(bias, u, v.T), 10, dim=1))
 
 
+@pytest.mark.parametrize("offsets", [True, False], ids=["default", "no-offsets"])
 @pytest.mark.parametrize("m", [1, 100])
-def test_feedback(benchmark, rec, m):
+def test_feedback(benchmark, rec, m, offsets):
+    """feedback() as configured, and without the residual offsets (which first compute what
+    predict would have answered)."""
     users = (rec.state.users.ids * 2)[:m]
     items = list(range(m))
     benchmark.group = f"service feedback {m} events"
-    benchmark(rec.feedback, users, items, [4.0] * m)
+    saved = switched_off(rec, [] if offsets else OFFSETS)
+    try:
+        benchmark(rec.feedback, users, items, [4.0] * m)
+    finally:
+        for k, v in saved.items():
+            setattr(rec.config, k, v)
 
 
 @pytest.mark.parametrize("m", [1, 100])

@@ -135,9 +135,9 @@ def predict(
     ratings (float32, all known) and ages (int64, 0: the latest)."""
     distinct, slots = np.unique(users.numpy(), return_inverse=True)
     hist = [history(a) if a >= 0 else _NONE for a in distinct.tolist()]
-    indptr, flat_items = rows_csr([h[0] for h in hist])
-    flat_ratings = rows_csr([h[1] for h in hist], np.float32)[1]
-    flat_ages = rows_csr([h[2] for h in hist])[1]
+    indptr, flat_items = rows_csr([h[0] for h in hist])  # (hist is never empty here)
+    flat_ratings = np.concatenate([h[1] for h in hist]).astype(np.float32, copy=False)
+    flat_ages = np.concatenate([h[2] for h in hist]).astype(np.int64, copy=False)
     slots = slots.reshape(-1)
     knn, _ = kernels.knn_predict(
         torch.from_numpy(indptr), torch.from_numpy(flat_items), torch.from_numpy(flat_ratings),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -30,39 +31,54 @@ if TYPE_CHECKING:
     from .online import LearnerConfig
 
 N_CLASSES = 24  # count classes: 0, 1, 2-3, 4-7, ..., 2**22 and more
+# (numpy inside: a call handles a micro-batch, where each torch op costs more than its work)
 
 
 def count_class(counts: torch.Tensor) -> torch.Tensor:
     """The count class (int64 [E]) of users with ``counts`` ratings (int64 [E])."""
-    n = counts.clamp_min(1).double()
-    cls = 1 + torch.floor(torch.log2(n)).long()
-    return torch.where(counts > 0, cls.clamp_max(N_CLASSES - 1), 0)
+    return torch.from_numpy(_classes(counts.numpy()))
+
+
+def _classes(counts: np.ndarray) -> np.ndarray:
+    out = np.zeros(counts.shape, np.int64)
+    pos = counts > 0
+    out[pos] = np.minimum(1 + np.floor(np.log2(counts[pos])).astype(np.int64), N_CLASSES - 1)
+    return out
 
 
 def enabled(cfg: LearnerConfig) -> bool:
     return cfg.offset_count_weight > 0 or cfg.offset_item_weight > 0
 
 
-def _ratios(stats: torch.Tensor, weight: float, reg: float) -> torch.Tensor:
+def _ratios(stats: np.ndarray, weight: float, reg: float) -> np.ndarray:
     """weight x sum / (count + reg) of rows (sum, count) [G, 2], float64 [G]."""
-    return weight * stats[:, 0] / (stats[:, 1] + reg).clamp_min(1e-12)
+    return weight * stats[:, 0] / np.maximum(stats[:, 1] + reg, 1e-12)
 
 
 def terms(state: ModelState, cfg: LearnerConfig, counts: torch.Tensor,
           items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The two offsets (float64 [E] each: by count class, by item) of events by users with
     ``counts`` ratings (int64 [E]) on item rows ``items`` (int64 [E])."""
-    by_class = _ratios(state.offset_class[count_class(counts)], cfg.offset_count_weight,
+    by_class, by_item = _terms(state, cfg, _classes(counts.numpy()), items.numpy())
+    return torch.from_numpy(by_class), torch.from_numpy(by_item)
+
+
+def _terms(state: ModelState, cfg: LearnerConfig, classes: np.ndarray,
+           items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    by_class = _ratios(state.offset_class.numpy()[classes], cfg.offset_count_weight,
                        cfg.offset_count_reg)  # fmt: skip
-    by_item = _ratios(state.offset_item.t[items], cfg.offset_item_weight, cfg.offset_item_reg)
+    by_item = _ratios(state.offset_item.t.numpy()[items], cfg.offset_item_weight,
+                      cfg.offset_item_reg)  # fmt: skip
     return by_class, by_item
 
 
 def tables(state: ModelState, cfg: LearnerConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Every offset (float64: by count class [N_CLASSES], by item row [n_items]), what an
     exported deployment adds (zeros at weights 0)."""
-    return (_ratios(state.offset_class, cfg.offset_count_weight, cfg.offset_count_reg),
-            _ratios(state.offset_item.t, cfg.offset_item_weight, cfg.offset_item_reg))  # fmt: skip
+    return (torch.from_numpy(_ratios(state.offset_class.numpy(), cfg.offset_count_weight,
+                                     cfg.offset_count_reg)),
+            torch.from_numpy(_ratios(state.offset_item.t.numpy(), cfg.offset_item_weight,
+                                     cfg.offset_item_reg)))  # fmt: skip
 
 
 def total(state: ModelState, cfg: LearnerConfig, counts: torch.Tensor,
@@ -70,8 +86,8 @@ def total(state: ModelState, cfg: LearnerConfig, counts: torch.Tensor,
     """The offset (float32 [E]) ``predict`` adds; zeros when switched off."""
     if not enabled(cfg) or items.numel() == 0:
         return torch.zeros(items.numel())
-    by_class, by_item = terms(state, cfg, counts, items)
-    return (by_class + by_item).float()
+    by_class, by_item = _terms(state, cfg, _classes(counts.numpy()), items.numpy())
+    return torch.from_numpy((by_class + by_item).astype(np.float32))
 
 
 def learn(
@@ -82,16 +98,16 @@ def learn(
     prediction before learning, offsets left out, was ``served`` (float32 [E])."""
     if not enabled(cfg) or items.numel() == 0:
         return
-    by_class, _ = terms(state, cfg, counts, items)
-    r = ratings.double()
-    base = served.double().clamp(*clip)
-    cls = count_class(counts)
-    ones = torch.ones_like(r)
-    state.offset_class[:, 0].index_add_(0, cls, r - base)
-    state.offset_class[:, 1].index_add_(0, cls, ones)
-    after = (base + by_class).clamp(*clip)
-    state.offset_item.t[:, 0].index_add_(0, items, r - after)
-    state.offset_item.t[:, 1].index_add_(0, items, ones)
+    cls, rows = _classes(counts.numpy()), items.numpy()
+    by_class, _ = _terms(state, cfg, cls, rows)
+    r = ratings.numpy().astype(np.float64)
+    base = np.clip(served.numpy().astype(np.float64), *clip)
+    after = np.clip(base + by_class, *clip)
+    oc, oi = state.offset_class.numpy(), state.offset_item.t.numpy()  # views: in place
+    np.add.at(oc[:, 0], cls, r - base)
+    np.add.at(oc[:, 1], cls, 1.0)
+    np.add.at(oi[:, 0], rows, r - after)
+    np.add.at(oi[:, 1], rows, 1.0)
 
 
 def check_config(cfg: LearnerConfig) -> None:

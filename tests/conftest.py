@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,3 +50,25 @@ def assert_same_bits(a: dict[str, object], b: dict[str, object]) -> None:
     for k in ta:
         assert ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape, k
         assert torch.equal(ta[k], tb[k]), k
+
+
+def rewritten_checkpoint(
+    rec: Recommender, folder: Path, drop: Callable[[str], bool] = lambda k: False,
+    settings: Iterable[str] = (), edit: Callable[[dict[str, torch.Tensor]], None] | None = None,
+) -> Path:  # fmt: skip
+    """``rec`` saved to ``folder``, then rewritten as an older or damaged checkpoint would be:
+    the tensors ``drop`` names left out, the learner ``settings`` left out of its config, and
+    ``edit`` applied to the tensors in place."""
+    from safetensors.torch import load_file, save_file
+
+    rec.save(folder)
+    path, meta = folder / "model.safetensors", folder / "state.json"
+    tensors = {k: v for k, v in load_file(str(path)).items() if not drop(k)}
+    if edit is not None:
+        edit(tensors)
+    save_file(tensors, str(path))
+    state = json.loads(meta.read_text())
+    for key in settings:
+        del state["config"]["learner"][key]
+    meta.write_text(json.dumps(state))
+    return folder

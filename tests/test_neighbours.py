@@ -11,7 +11,7 @@ import torch
 
 from lrec_fast import Recommender, kernels, neighbours
 
-from .conftest import assert_same_bits, state_bits
+from .conftest import assert_same_bits, rewritten_checkpoint, state_bits
 
 
 def rated_pairs(rng: np.random.Generator, n_users: int, n_items: int, n: int):
@@ -212,20 +212,17 @@ def test_a_new_rating_moves_the_prediction_at_once(fitted, stream):
 
 
 def test_checkpoints_keep_it_and_old_ones_load_without_it(fitted, stream, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     fitted.save(tmp_path / "ck")
     again = Recommender.load(tmp_path / "ck")
     assert_same_bits(state_bits(fitted), state_bits(again))
     users, items = list(stream.user_ids[:5]), list(stream.item_ids[10:15])
     assert np.array_equal(again.predict(users, items), fitted.predict(users, items))
-    path = tmp_path / "ck" / "model.safetensors"
-    save_file({k: v for k, v in load_file(str(path)).items()
-               if not k.startswith("knn_") and k not in ("seen_ratings", "seen_ages")},
-              str(path))  # fmt: skip
-    meta = tmp_path / "ck" / "state.json"
-    meta.write_text(meta.read_text().replace('"knn_weight": 0.5, ', ""))
-    old = Recommender.load(tmp_path / "ck")
+    drop = ("seen_ratings", "seen_ages")
+    old = Recommender.load(
+        rewritten_checkpoint(
+            fitted, tmp_path / "old", lambda k: k.startswith("knn_") or k in drop, ["knn_weight"]
+        )
+    )
     assert old.config.knn_weight == 0.0 and old.state.knn_rows.numel() == 0
     assert old.state.seen.history(0)[1].size == 0  # every rating unknown: none to read
     fitted.config.knn_weight = 0.0  # what the old model predicts: the factor model's ratings
@@ -247,34 +244,23 @@ def test_checkpoints_keep_it_and_old_ones_load_without_it(fitted, stream, tmp_pa
 
 @pytest.mark.parametrize("flaw", ["row", "shape", "nan"])
 def test_malformed_neighbours_are_refused(fitted, tmp_path, flaw):
-    from safetensors.torch import load_file, save_file
+    def damage(t):
+        if flaw == "row":
+            t["knn_rows"][2, 0] = 80  # past the catalogue
+        elif flaw == "shape":
+            t["knn_bias"] = t["knn_bias"][:-1]
+        else:
+            t["knn_sims"][1, 1] = float("nan")
 
-    fitted.save(tmp_path / "ck")
-    path = tmp_path / "ck" / "model.safetensors"
-    t = load_file(str(path))
-    if flaw == "row":
-        t["knn_rows"][2, 0] = 80  # past the catalogue
-    elif flaw == "shape":
-        t["knn_bias"] = t["knn_bias"][:-1]
-    else:
-        t["knn_sims"][1, 1] = float("nan")
-    save_file(t, str(path))
     with pytest.raises(ValueError, match="neighbours"):
-        Recommender.load(tmp_path / "ck")
+        Recommender.load(rewritten_checkpoint(fitted, tmp_path / "ck", edit=damage))
 
 
 def test_checkpoints_before_recency_and_ramp_load_without_them(fitted, stream, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    fitted.save(tmp_path / "ck")
-    path, meta = tmp_path / "ck" / "model.safetensors", tmp_path / "ck" / "state.json"
-    save_file({k: v for k, v in load_file(str(path)).items() if k != "seen_ages"}, str(path))
-    text = meta.read_text()
-    for key in ('"knn_user_decay": 0.95, ', '"knn_decay": 0.99, ', '"knn_ramp": 10.0, '):
-        assert key in text
-        text = text.replace(key, "")
-    meta.write_text(text)
-    old = Recommender.load(tmp_path / "ck")
+    settings = ["knn_user_decay", "knn_decay", "knn_ramp"]
+    old = Recommender.load(
+        rewritten_checkpoint(fitted, tmp_path / "ck", lambda k: k == "seen_ages", settings)
+    )
     assert (old.config.knn_user_decay, old.config.knn_decay, old.config.knn_ramp) == (1, 1, 0)
     fitted.config.knn_user_decay = fitted.config.knn_decay = 1.0  # every rating alike
     fitted.config.knn_ramp = 0.0  # ... and the one weight for all
@@ -283,15 +269,11 @@ def test_checkpoints_before_recency_and_ramp_load_without_them(fitted, stream, t
 
 
 def test_malformed_ages_are_refused(fitted, tmp_path):
-    from safetensors.torch import load_file, save_file
+    def damage(t):
+        t["seen_ages"][0] = t["seen_ages"][1]  # two ratings of the same age
 
-    fitted.save(tmp_path / "ck")
-    path = tmp_path / "ck" / "model.safetensors"
-    t = load_file(str(path))
-    t["seen_ages"][0] = t["seen_ages"][1]  # two ratings of the same age
-    save_file(t, str(path))
     with pytest.raises(ValueError, match="ages"):
-        Recommender.load(tmp_path / "ck")
+        Recommender.load(rewritten_checkpoint(fitted, tmp_path / "ck", edit=damage))
 
 
 BAD = [{"knn_weight": 1.5}, {"knn_weight": -0.1}, {"knn_size": -1}, {"knn_k": -2},

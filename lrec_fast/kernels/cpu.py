@@ -1023,13 +1023,15 @@ def item_neighbours(
 def _knn_rows(
     indptr: np.ndarray, hist_items: np.ndarray, hist_ratings: np.ndarray, hist_ages: np.ndarray,
     slots: np.ndarray, items: np.ndarray, nbr_rows: np.ndarray, nbr_sims: np.ndarray,
-    item_bias: np.ndarray, mu: float, user_reg: float, user_decay: float, k: int, reg: float,
-    decay: float, lo: float, hi: float, where: np.ndarray, out: np.ndarray, has: np.ndarray,
+    item_bias: np.ndarray, mu: float, user_reg: float, user_w: np.ndarray, k: int, reg: float,
+    nbr_w: np.ndarray, lo: float, hi: float, where: np.ndarray, out: np.ndarray,
+    has: np.ndarray,
 ) -> None:  # fmt: skip
     """Events grouped by history: each history's items are marked in ``where`` (item row ->
     position, -1 elsewhere; left all -1 again), so each neighbour is one lookup. Serial on
     purpose: a call is a few thousand events at most (a re-rank's B x 30), where waking a
-    thread team costs more than the work."""
+    thread team costs more than the work. ``user_w[a]`` / ``nbr_w[a]``: the decays to the power
+    a (a table: a pow per rating cost more than the rest of the kernel)."""
     n_b = item_bias.shape[0]
     order = np.argsort(slots, kind="mergesort")
     e0 = 0
@@ -1044,7 +1046,7 @@ def _knn_rows(
             for t in range(a0, a1):
                 h = hist_items[t]
                 where[h] = t
-                w = user_decay ** np.float64(hist_ages[t])
+                w = user_w[hist_ages[t]]
                 b_h = np.float64(item_bias[h]) if h < n_b else 0.0
                 total += w * (np.float64(hist_ratings[t]) - mu - b_h)
                 weight += w
@@ -1061,7 +1063,7 @@ def _knn_rows(
                         if h < 0 or where[h] < 0:
                             continue
                         p = where[h]
-                        sim = np.float64(nbr_sims[j, t]) * decay ** np.float64(hist_ages[p])
+                        sim = np.float64(nbr_sims[j, t]) * nbr_w[hist_ages[p]]
                         b_h = np.float64(item_bias[h]) if h < n_b else 0.0
                         num += sim * (np.float64(hist_ratings[p]) - mu - b_a - b_h)
                         den += sim
@@ -1098,8 +1100,11 @@ def knn_predict(
     if n:
         h = _i64(hist_items)
         where = _positions(max(nbr_rows.shape[0], int(h.max()) + 1 if h.size else 0))
-        _knn_rows(_i64(indptr), h, _f32(hist_ratings), _i64(hist_ages), _i64(slots),
-                  _i64(items), _i64(nbr_rows), _f32(nbr_sims), _f32(item_bias), float(mu),
-                  float(user_reg), float(user_decay), int(k), float(reg), float(decay),
-                  float(lo), float(hi), where, out, has)  # fmt: skip
+        ages = _i64(hist_ages)
+        powers = np.arange(int(ages.max()) + 1 if ages.size else 1, dtype=np.float64)
+        _knn_rows(_i64(indptr), h, _f32(hist_ratings), ages, _i64(slots), _i64(items),
+                  _i64(nbr_rows), _f32(nbr_sims), _f32(item_bias), float(mu), float(user_reg),
+                  np.power(float(user_decay), powers), int(k), float(reg),
+                  np.power(float(decay), powers), float(lo), float(hi), where, out,
+                  has)  # fmt: skip
     return torch.from_numpy(out), torch.from_numpy(has)
