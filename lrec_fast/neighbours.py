@@ -6,7 +6,8 @@ per event; a neighbourhood model reads the user's own ratings directly: "you rat
 similar films 1 above what the baseline expected". It is strongest exactly where the stream
 is weakest, for users with tens of ratings, and it takes each new rating in at once (the
 user's ratings are read when predicting). Recomputed (``recompute``) at the end of the warm-up
-fit and of each refit, from every user's latest rating of each item:
+fit and of each refit, from every user's latest rating of each item (of their newest
+``knn_history_cap``, which bounds the cost for users with thousands of ratings):
 
 1. a baseline mu + b_u + b_i: the mean, then ``BASELINE_ROUNDS`` alternating ridge solves of
    the item biases (``knn_item_reg``) and user biases (``knn_user_reg``);
@@ -45,11 +46,12 @@ BASELINE_ROUNDS = 10
 _NONE = (np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64))  # no history
 
 
-def _rated(state: ModelState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every known (user row, item row, latest rating), unknown ratings left out."""
-    indptr, items, ratings, _ = state.seen.csr()
+def _rated(state: ModelState, cap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every known (user row, item row, latest rating) among each user's newest ``cap`` (0:
+    all), unknown ratings left out."""
+    indptr, items, ratings, ages = state.seen.csr()
     users = np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
-    keep = np.isfinite(ratings)
+    keep = np.isfinite(ratings) & ((ages < cap) if cap > 0 else True)
     return (torch.from_numpy(users[keep]), torch.from_numpy(items[keep]),
             torch.from_numpy(ratings[keep]).double())  # fmt: skip
 
@@ -77,7 +79,7 @@ def recompute(state: ModelState, cfg: LearnerConfig, backend: str) -> None:
     nothing when the correction is off (``knn_weight`` 0) or no rating is known."""
     if cfg.knn_weight == 0:
         return
-    users, items, ratings = _rated(state)
+    users, items, ratings = _rated(state, cfg.knn_history_cap)
     if ratings.numel() == 0:
         return
     n_items = len(state.items)
@@ -188,5 +190,5 @@ def check_config(cfg: LearnerConfig) -> None:
         raise ValueError(f"knn_ramp must be finite and >= 0, not {cfg.knn_ramp!r}")
     if not all(0 < x <= 1 for x in (cfg.knn_user_decay, cfg.knn_decay)):
         raise ValueError("knn_user_decay and knn_decay must be in (0, 1]")
-    if cfg.knn_size < 0 or cfg.knn_k < 0:
-        raise ValueError("knn_size and knn_k must be >= 0")
+    if cfg.knn_size < 0 or cfg.knn_k < 0 or cfg.knn_history_cap < 0:
+        raise ValueError("knn_size, knn_k and knn_history_cap must be >= 0")

@@ -278,10 +278,28 @@ def test_malformed_ages_are_refused(fitted, tmp_path):
 
 BAD = [{"knn_weight": 1.5}, {"knn_weight": -0.1}, {"knn_size": -1}, {"knn_k": -2},
        {"knn_shrink": math.nan}, {"knn_reg": -1.0}, {"knn_user_decay": 0.0},
-       {"knn_decay": 1.5}, {"knn_decay": math.nan}, {"knn_ramp": -1.0}]  # fmt: skip
+       {"knn_decay": 1.5}, {"knn_decay": math.nan}, {"knn_ramp": -1.0},
+       {"knn_history_cap": -1}]  # fmt: skip
 
 
 @pytest.mark.parametrize("bad", BAD)
 def test_config_is_checked(bad):
     with pytest.raises(ValueError, match="knn"):
         Recommender(encoder="hashing-64", **bad)
+
+
+def test_recompute_reads_each_users_newest_ratings_only(fitted):
+    st, cfg = fitted.state, fitted.config
+    cfg.knn_history_cap = 3
+    neighbours.recompute(st, cfg, "numba")
+    indptr, items, ratings, ages = st.seen.csr()
+    users = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    keep = ages < 3
+    assert 0 < keep.sum() < len(keep)  # the fixture's users rated more than 3 items
+    u, i = torch.from_numpy(users[keep]), torch.from_numpy(items[keep])
+    r = torch.from_numpy(ratings[keep]).double()
+    mu, b_u, b_i = neighbours.baseline(u, i, r, len(st.users), len(st.items), cfg)
+    rows, sims = kernels.item_neighbours(u, i, r - mu - b_u[u] - b_i[i], len(st.items),
+                                         cfg.knn_size, cfg.knn_shrink, backend="numba")  # fmt: skip
+    assert float(st.knn_mu) == mu and torch.equal(st.knn_bias, b_i.float())
+    assert torch.equal(st.knn_rows, rows) and torch.equal(st.knn_sims, sims)
