@@ -267,13 +267,16 @@ class Recommender:
             raise ValueError(f"unknown items without text: {missing[:5]} (add_items first)")
         return u, i, r, new_items
 
-    def _index(self, u: list[Id], i: list[Id]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _user_rows(self, u: list[Id]) -> torch.Tensor:
+        """The rows of users ``u`` (int64), unknown users appended first."""
         new_users = list(dict.fromkeys(x for x in u if x not in self.state.users))
         if new_users:
             self._append_users(new_users)
-        ui = torch.tensor([self.state.users.index[x] for x in u], dtype=torch.int64)
-        ii = torch.tensor([self.state.items.index[x] for x in i], dtype=torch.int64)
-        return ui, ii
+        return torch.tensor([self.state.users.index[x] for x in u], dtype=torch.int64)
+
+    def _item_rows(self, i: list[Id]) -> torch.Tensor:
+        """The rows of catalogue items ``i`` (int64)."""
+        return torch.tensor([self.state.items.index[x] for x in i], dtype=torch.int64)
 
     def fit(self, users: Any, items: Any, ratings: Any) -> FitReport:
         """Warm-up training on events given in time order (see ``online.fit``: early stopping on
@@ -285,7 +288,7 @@ class Recommender:
             try:
                 if self.n_users == 0:
                     self.state.mu.fill_(float(r.double().mean()))
-                ui, ii = self._index(u, i)
+                ui, ii = self._user_rows(u), self._item_rows(i)
                 report = online.fit(self.state, ui, ii, r, self.config, self.backend,
                                     self.rating_range)  # fmt: skip
                 keep = ranking.positives(r, self.config)
@@ -337,11 +340,11 @@ class Recommender:
             try:
                 if emb is not None:
                     self._append_items(new_items, emb)
-                if offsets.enabled(cfg):  # what predict said before this batch: its errors
-                    items_now = torch.tensor([st.items.index[j] for j in i], dtype=torch.int64)
-                    served, idx = self._served(u, items_now)
+                ii = self._item_rows(i)
+                if offsets.enabled(cfg):  # what predict said before this batch (users as
+                    served, idx = self._served(u, ii)  # they were): its errors
                     counts = self._counts(idx)
-                ui, ii = self._index(u, i)
+                ui = self._user_rows(u)
                 touched = ui.unique()
                 recent = st.user_recent.t[touched].clone()
                 undo.append(lambda: st.user_recent.t.index_copy_(0, touched, recent))
@@ -619,7 +622,7 @@ class Recommender:
             missing = [j for j in i if j not in self.state.items]
             if missing:
                 raise ValueError(f"unknown items: {missing[:5]}")
-            ii = torch.tensor([self.state.items.index[j] for j in i], dtype=torch.int64)
+            ii = self._item_rows(i)
             p, idx = self._served(u, ii)
             p += offsets.total(self.state, self.config, self._counts(idx), ii)
             return p.numpy().astype(np.float32)
