@@ -68,15 +68,17 @@ def switched_off(rec: Recommender, names: list[str]) -> dict[str, float]:
 OFFSETS = ["offset_count_weight", "offset_item_weight"]
 
 
-@pytest.mark.parametrize("what", ["full", "knn", "mf-only"])
+@pytest.mark.parametrize("what", ["full", "no-uknn", "knn", "mf-only"])
 @pytest.mark.parametrize("n", [1, 100])
 def test_predict(benchmark, rec, n, what):
-    """predict() of n (user, item) pairs of known users: the default (neighbourhood correction
-    and residual offsets), without the offsets, and the factor model alone."""
+    """predict() of n (user, item) pairs of known users: the default (both neighbourhood
+    corrections and the residual offsets), without the user neighbourhood, with the item
+    neighbourhood alone, and the factor model alone."""
     ids = rec.state.users.ids
     users, items = [ids[j % len(ids)] for j in range(n)], rec.item_ids[:n]
     benchmark.group = f"service predict n={n}"
-    off = {"full": [], "knn": OFFSETS, "mf-only": [*OFFSETS, "knn_weight"]}[what]
+    off = {"full": [], "no-uknn": ["uknn_weight"], "knn": [*OFFSETS, "uknn_weight"],
+           "mf-only": [*OFFSETS, "uknn_weight", "knn_weight"]}[what]  # fmt: skip
     saved = switched_off(rec, off)
     try:
         benchmark(rec.predict, users, items)
@@ -93,15 +95,17 @@ def test_bare_torch_scoring(benchmark, rec, b):
     benchmark(lambda: torch.topk(torch.addmm(bias, u, v.T), 10, dim=1))
 
 
-@pytest.mark.parametrize("offsets", [True, False], ids=["default", "no-offsets"])
+@pytest.mark.parametrize("off", ["default", "no-offsets", "no-uknn"])
 @pytest.mark.parametrize("m", [1, 100])
-def test_feedback(benchmark, rec, m, offsets):
-    """feedback() as configured, and without the residual offsets (which first compute what
-    predict would have answered)."""
+def test_feedback(benchmark, rec, m, off):
+    """feedback() as configured, without the residual offsets (which first compute what
+    predict would have answered) and without the user neighbourhood (whose lists the call's
+    users get afresh)."""
     users = (rec.state.users.ids * 2)[:m]
     items = list(range(m))
     benchmark.group = f"service feedback {m} events"
-    saved = switched_off(rec, [] if offsets else OFFSETS)
+    saved = switched_off(rec, {"default": [], "no-offsets": OFFSETS,
+                               "no-uknn": ["uknn_weight"]}[off])  # fmt: skip
     try:
         benchmark(rec.feedback, users, items, [4.0] * m)
     finally:
@@ -186,13 +190,31 @@ def test_item_neighbours(benchmark, slow_rec, backend):
     from lrec_fast import neighbours
 
     st, cfg = slow_rec.state, slow_rec.config
-    users, items, ratings = neighbours._rated(st)
+    users, items, ratings = neighbours._rated(st, cfg.knn_history_cap)
     mu, b_u, b_i = neighbours.baseline(users, items, ratings, len(st.users), len(st.items), cfg)
     res = ratings - mu - b_u[users] - b_i[items]
     benchmark.group = SLOW
     benchmark.pedantic(kernels.item_neighbours, (users, items, res, len(st.items), cfg.knn_size,
                                                  cfg.knn_shrink), {"backend": backend},
                        rounds=3, iterations=1)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_user_neighbours(benchmark, slow_rec, backend):
+    """The user neighbourhood's recompute (at each refit): every user's 200 nearest over
+    50,000 ratings; numba (a walk over the raters index) beside the dense torch reference."""
+    from lrec_fast import user_neighbours
+
+    st, cfg = slow_rec.state, slow_rec.config
+    users = torch.arange(len(st.users))
+    un = user_neighbours.UserNeighbours.of(st, cfg)
+    assert un is not None
+    hist = user_neighbours._histories(st, users.numpy())
+    benchmark.group = SLOW
+    benchmark.pedantic(kernels.user_neighbours, (users, *(torch.from_numpy(x) for x in hist),
+                                                 un.raters, un.user_base, un.item_base,
+                                                 cfg.uknn_size, cfg.uknn_shrink),
+                       {"backend": backend}, rounds=3, iterations=1)  # fmt: skip
 
 
 def test_retrain_from_scratch(benchmark):

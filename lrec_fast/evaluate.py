@@ -408,10 +408,10 @@ def run_protocol(
 
 
 # the plain rating-MF recommender of the baselines: no ranking head, prior, replay,
-# consolidation, refit, user gain (plain SGD at one rate), neighbourhood correction or
+# consolidation, refit, user gain (plain SGD at one rate), neighbourhood corrections or
 # residual offsets
 RATING_MF: dict[str, Any] = {"rank_by": "rating", "prior_weight": 0.0, "cold_prior_weight": 0.0,
                              "replay_ratio": 0.0, "consolidate_every": 0, "refit_every": 0,
-                             "user_gain": 1.0, "knn_weight": 0.0, "offset_count_weight": 0.0,
-                             "offset_item_weight": 0.0}  # fmt: skip
+                             "user_gain": 1.0, "knn_weight": 0.0, "uknn_weight": 0.0,
+                             "offset_count_weight": 0.0, "offset_item_weight": 0.0}  # fmt: skip
 MODELS = ("popularity", "recent popularity", "static", "naive fine-tune", "retrain", "lrec_fast")

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from . import offsets
+from . import offsets, user_neighbours
 from ._io import fsync_dir
 from ._version import __version__
 from .model import IdMap, proj_slices
@@ -183,6 +183,8 @@ def _serving_state(
         "knn_mu": st.knn_mu.numpy().astype(np.float64),
         "offset_class": by_class.numpy().astype(np.float32),
         "offset_item": by_item.numpy().astype(np.float32),
+        "uknn_rows": st.uknn_rows.t.numpy(),
+        "uknn_sims": st.uknn_sims.t.numpy().astype(np.float32),
     }
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     ids = {"users": list(st.users.ids), "items": list(st.items.ids)}
@@ -193,7 +195,8 @@ def _serving_state(
             "rerank_weight": cfg.rerank_weight, "rerank_depth": cfg.rerank_depth,
             "knn": {"weight": cfg.knn_weight, "user_reg": cfg.knn_user_reg,
                     "user_decay": cfg.knn_user_decay, "k": cfg.knn_k, "reg": cfg.knn_reg,
-                    "decay": cfg.knn_decay, "ramp": cfg.knn_ramp}}  # fmt: skip
+                    "decay": cfg.knn_decay, "ramp": cfg.knn_ramp},
+            "uknn": user_neighbours.settings(cfg)}  # fmt: skip
     return tensors, ids, meta
 
 
@@ -270,6 +273,12 @@ class Deployment:
             for i in range(len(ptr) - 1)
         ]
         self._neighbours = self._neighbours_of(t, self.manifest.get("knn"))
+        # ... and the user-neighbourhood correction (before it existed: none)
+        self._user_neighbours = user_neighbours.UserNeighbours.from_tables(
+            t.get("uknn_rows", np.zeros((0, 0), np.int64)), t.get("uknn_sims", np.zeros((0, 0),
+            np.float32)), ptr, idx, rated, t["knn_bias"], float(t["knn_mu"][0]),
+            len(self.item_rows), self.manifest.get("uknn"),
+        ) if "knn_bias" in t else None  # fmt: skip
         # the residual offsets of predict (exported before they existed: none)
         self.offset_class = t.get("offset_class", np.zeros(offsets.N_CLASSES, np.float32))
         self.offset_item = t.get("offset_item", np.zeros(len(self.item_rows), np.float32))
@@ -309,11 +318,13 @@ class Deployment:
 
     def _blended(self, users: Any, items: Any, ratings: Any) -> Any:
         """Ratings (torch float32 [E]) of user rows ``users`` (-1: unknown) and item rows
-        ``items`` with the neighbourhood correction blended in, as ``Recommender.predict``."""
+        ``items`` with the item-neighbourhood correction blended in and the user-neighbourhood
+        correction added, as ``Recommender.predict`` (offsets aside) and its re-rank."""
         from .neighbours import blend
 
         lo, hi = self.manifest["rating_range"]
-        return blend(self._neighbours, self._history, users, items, ratings, (lo, hi), None)
+        p = blend(self._neighbours, self._history, users, items, ratings, (lo, hi), None)
+        return user_neighbours.correct(self._user_neighbours, users, items, p, None)
 
     @property
     def n_items(self) -> int:
@@ -416,10 +427,12 @@ class Deployment:
             rows = np.array([self._items.index[j] for j in i], dtype=np.int64)
             p = torch.from_numpy(self._rating_sum(q, b, rows))
             users = torch.tensor(idx, dtype=torch.int64)
-            p = self._blended(users, torch.from_numpy(rows), p).numpy()
+            out = self._blended(users, torch.from_numpy(rows), p).numpy()
             counts = torch.tensor([len(self._seen[a]) if a >= 0 else 0 for a in idx])
             return (
-                p + self.offset_class[offsets.count_class(counts).numpy()] + self.offset_item[rows]
+                out
+                + self.offset_class[offsets.count_class(counts).numpy()]
+                + self.offset_item[rows]
             )
 
     def _rating_sum(self, q: np.ndarray, b: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -26,6 +26,7 @@ import torch
 from ._io import fsync_dir
 from .kernels.reference import SCALE_ITEM, SCALE_ITEM_BIAS, SCALE_USER, SCALE_USER_BIAS
 from .offsets import N_CLASSES
+from .raters import Raters, known_csr
 
 FORMAT_VERSION = 2  # 2: the ranking head (ranking.py)
 TENSORS_FILE, STATE_FILE = "model.safetensors", "state.json"
@@ -125,6 +126,7 @@ class SeenItems:
         self._rated: list[dict[int, float]] = list(rated)
         self._arrays: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.complete = complete  # no rating is unknown (NaN)
+        self._raters: Raters | None = None  # the transposed index, built on first use
 
     @classmethod
     def from_csr(cls, indptr: Sequence[int], indices: Sequence[int],
@@ -162,6 +164,7 @@ class SeenItems:
     def add(self, users: Iterable[int], items: Iterable[int], ratings: Iterable[float]) -> None:
         """Record events (user row, item row, rating), in order: the latest rating counts and
         becomes the user's most recent."""
+        users, items, ratings = list(users), list(items), list(ratings)  # (read twice)
         for a, b, r in zip(users, items, ratings, strict=True):
             d = self._rated[a]
             if d and next(reversed(d)) == b and d[b] == r:
@@ -169,12 +172,16 @@ class SeenItems:
             d.pop(b, None)
             d[b] = r
             self._arrays.pop(a, None)
+        if self._raters is not None:
+            self._raters.add(users, items, ratings)
 
     def truncate(self, n: int) -> None:
         """Drop user rows n and above."""
         del self._rated[n:]
         for a in [a for a in self._arrays if a >= n]:
             del self._arrays[a]
+        if self._raters is not None:
+            self._raters.truncate_users(n)
 
     def _sorted(self, user: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         arr = self._arrays.get(user)
@@ -199,6 +206,15 @@ class SeenItems:
             return arr
         known = np.isfinite(arr[1])
         return arr[0][known], arr[1][known], arr[2][known]
+
+    def raters(self, n_items: int) -> Raters:
+        """Who rated each item (the transposed index; known ratings only), with room for item
+        rows up to ``n_items``: built on first use, then kept current by ``add``."""
+        if self._raters is None:
+            indptr, items, ratings, _ = self.csr()
+            self._raters = Raters.from_csr(*known_csr(indptr, items, ratings), n_items)
+        self._raters.grow(n_items)
+        return self._raters
 
     def csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Every user's sorted items, their ratings and ages as (indptr int64 [n_users + 1],
@@ -295,6 +311,12 @@ class ModelState:
         default_factory=lambda: torch.zeros(N_CLASSES, 2, dtype=torch.float64)
     )
     offset_item: Rows = field(init=False)
+    # User-neighbourhood correction (user_neighbours.py): each user row's most similar users
+    # (int64 [n, size], -1 pad; sims float32; n <= n_users: rows past it have none yet), and
+    # the users' mean residuals (float64 [n_users], derived: rebuilt after a load or rollback).
+    uknn_rows: Rows = field(init=False)
+    uknn_sims: Rows = field(init=False)
+    uknn_user_base: Any = field(default=None, repr=False, compare=False)
     # Random source of the learner (row initialisation, sampled negatives, shuffles), saved
     # with the checkpoint so a reloaded model continues exactly as the original would.
     rng: torch.Generator = field(default_factory=torch.Generator, repr=False, compare=False)
@@ -312,6 +334,7 @@ class ModelState:
         self.item_count = Rows(None, torch.int64)
         self.item_recent = Rows(None, torch.float64)
         self.offset_item = Rows(2, torch.float64)
+        self.uknn_rows, self.uknn_sims = Rows(0, torch.int64), Rows(0, torch.float32)
         self.replay_users = Rows(None, torch.int64)
         self.replay_items = Rows(None, torch.int64)
         self.replay_ratings = Rows(None, torch.float32)
@@ -473,7 +496,8 @@ class ModelState:
             "seen_ages": torch.from_numpy(ages),
             "knn_rows": self.knn_rows, "knn_sims": self.knn_sims, "knn_bias": self.knn_bias,
             "knn_mu": self.knn_mu, "offset_class": self.offset_class,
-            "offset_item": self.offset_item.t,
+            "offset_item": self.offset_item.t, "uknn_rows": self.uknn_rows.t,
+            "uknn_sims": self.uknn_sims.t,
         } | proposal  # fmt: skip
 
     ROW_TABLES = ("user_rows", "item_rows", "user_bias", "item_bias", "item_text", "item_count",
@@ -543,6 +567,13 @@ class ModelState:
         self.offset_item.set(
             t.get("offset_item", torch.zeros(n_items, 2, dtype=torch.float64)).clone()
         )
+        # checkpoints before the user-neighbourhood correction: no lists
+        rows = t.get("uknn_rows", torch.zeros(0, 0, dtype=torch.int64))
+        self.uknn_rows = Rows(rows.shape[1], torch.int64)
+        self.uknn_sims = Rows(rows.shape[1], torch.float32)
+        self.uknn_rows.set(rows.clone())
+        self.uknn_sims.set(t.get("uknn_sims", torch.zeros(0, 0)).clone())
+        self.uknn_user_base = None
 
     def snapshot(self) -> dict[str, Any]:
         """A deep copy to roll back to (tensors plus id maps)."""
@@ -568,6 +599,9 @@ class ModelState:
         self.seen.truncate(nu)
         self.users._array = self.items._array = None
         self.user_rows.n = self.user_bias.n = self.user_recent.n = nu
+        self.uknn_rows.n = self.uknn_sims.n = min(self.uknn_rows.n, nu)
+        if self.uknn_user_base is not None:
+            self.uknn_user_base = self.uknn_user_base[:nu]
         for name in ("item_rows", "item_bias", "item_text", "item_count", "item_recent",
                      "offset_item", "ctx_rows", "tgt_rows", "tgt_bias", "ctx_acc", "tgt_acc",
                      "tgt_bias_acc"):  # fmt: skip
@@ -669,4 +703,11 @@ def load_state(directory: str | Path) -> tuple[ModelState, dict[str, Any]]:
         and bool((oc[:, 1] >= 0).all() and (oi[:, 1] >= 0).all())
     ):  # fmt: skip
         raise ValueError(f"{folder}: the residual offsets do not fit the catalogue")
+    ur, us = state.uknn_rows.t, state.uknn_sims.t
+    if not (
+        ur.dim() == 2 and us.shape == ur.shape and ur.shape[0] <= len(state.users)
+        and (ur.numel() == 0 or (int(ur.min()) >= -1 and int(ur.max()) < len(state.users)))
+        and bool(torch.isfinite(us).all())
+    ):  # fmt: skip
+        raise ValueError(f"{folder}: the user neighbours do not fit the users")
     return state, meta["config"]

@@ -76,18 +76,20 @@ def baseline(
 
 def recompute(state: ModelState, cfg: LearnerConfig, backend: str) -> None:
     """Recompute the baseline and every item's neighbours from the users' ratings (module doc);
-    nothing when the correction is off (``knn_weight`` 0) or no rating is known."""
-    if cfg.knn_weight == 0:
+    the baseline alone when only the user-neighbourhood correction reads it, nothing when both
+    are off or no rating is known."""
+    if cfg.knn_weight == 0 and cfg.uknn_weight == 0:
         return
     users, items, ratings = _rated(state, cfg.knn_history_cap)
     if ratings.numel() == 0:
         return
     n_items = len(state.items)
     mu, b_u, b_i = baseline(users, items, ratings, len(state.users), n_items, cfg)
-    residuals = ratings - mu - b_u[users] - b_i[items]
-    rows, sims = kernels.item_neighbours(users, items, residuals, n_items, cfg.knn_size,
-                                         cfg.knn_shrink, backend=backend)  # fmt: skip
-    state.knn_rows, state.knn_sims = rows, sims
+    if cfg.knn_weight > 0:
+        residuals = ratings - mu - b_u[users] - b_i[items]
+        state.knn_rows, state.knn_sims = kernels.item_neighbours(
+            users, items, residuals, n_items, cfg.knn_size, cfg.knn_shrink, backend=backend
+        )
     state.knn_bias, state.knn_mu = b_i.float(), torch.tensor([mu], dtype=torch.float64)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import consolidation, kernels, neighbours, offsets, online, ranking
+from . import consolidation, kernels, neighbours, offsets, online, ranking, user_neighbours
 from .consolidation import ConsolidationReport, RefitReport
 from .kernels.reference import SCALE_ITEM, SCALE_ITEM_BIAS, SCALE_USER, SCALE_USER_BIAS
 from .model import Id, ModelState, load_state, rows_csr, save_state
@@ -305,9 +305,14 @@ class Recommender:
                 raise
             self.state.seen.add(ui.tolist(), ii.tolist(), r.tolist())
             self.state.log((ui, ii, r), self.config.refit_log_size)
-            neighbours.recompute(self.state, self.config, self.backend)
+            self._recompute_neighbours()
             log.info("fit: %d epochs, best %d", report.epochs, report.best_epoch)
             return report
+
+    def _recompute_neighbours(self) -> None:
+        """Both neighbourhood corrections from every rating (the fit's and each refit's end)."""
+        neighbours.recompute(self.state, self.config, self.backend)
+        user_neighbours.recompute(self.state, self.config, self.backend)
 
     def _refresh_text_priors(self) -> None:
         if online.refit_projection(self.state, self.config):
@@ -383,6 +388,7 @@ class Recommender:
             st.log((ui, ii, r), cfg.refit_log_size)
             st.since_refit += n
             self.state.seen.add(ui.tolist(), ii.tolist(), r.tolist())
+            user_neighbours.refresh(st, cfg, ui, self.backend)  # these users' lists, now
             if 0 < cfg.consolidate_every <= int(st.since_consolidation):
                 self.consolidate()
             if cfg.refit_every > 0 and consolidation.refit_running(st):
@@ -397,7 +403,7 @@ class Recommender:
                                              self.rating_range)  # fmt: skip
         if report is not None:
             self._refresh_text_priors()
-            neighbours.recompute(self.state, self.config, self.backend)
+            self._recompute_neighbours()
             self.last_refit = report
             log.info("refit: %s", report)
         return report
@@ -495,10 +501,13 @@ class Recommender:
         return self._blended(torch.tensor(idx, dtype=torch.int64), ii, p), idx
 
     def _blended(self, users: torch.Tensor, items: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """The factor model's ratings ``p`` [E] with the neighbourhood correction blended in."""
+        """The factor model's ratings ``p`` [E] with the item-neighbourhood correction blended
+        in and the user-neighbourhood correction added."""
         nb = neighbours.Neighbours.of(self.state, self.config)
-        return neighbours.blend(nb, self.state.seen.history, users, items, p, self.rating_range,
-                                self.backend)  # fmt: skip
+        p = neighbours.blend(nb, self.state.seen.history, users, items, p, self.rating_range,
+                             self.backend)  # fmt: skip
+        un = user_neighbours.UserNeighbours.of(self.state, self.config)
+        return user_neighbours.correct(un, users, items, p, self.backend)
 
     def _ranking(self, ids: list[Id]) -> tuple[torch.Tensor, torch.Tensor, float,
                                                tuple[torch.Tensor, torch.Tensor], torch.Tensor,
@@ -600,11 +609,18 @@ class Recommender:
         """``kernels.rerank_mf`` of candidates [B, m] for user rows [B] with this model's
         rating tables and settings: (scores, top, shift)."""
         st, cfg = self.state, self.config
-        knn = None
-        if cfg.rerank_weight:  # re-rank by the rating predict() gives
+        knn: tuple[torch.Tensor, ...] | None = None
+        if cfg.rerank_weight:  # re-rank by the rating predict() gives (offsets aside)
             knn = neighbours.for_rerank(neighbours.Neighbours.of(st, cfg), st.seen.history,
                                         users, top, cfg.rerank_depth, self.rating_range,
                                         self.backend)  # fmt: skip
+            un = user_neighbours.UserNeighbours.of(st, cfg)
+            cand = top[:, : cfg.rerank_depth]
+            if un is not None and cand.numel():
+                flat = users[:, None].expand_as(cand).reshape(-1)
+                add = un.correction(flat, cand.clamp_min(0).reshape(-1), self.backend)
+                add = torch.where(cand >= 0, add.view(cand.shape), 0.0)
+                knn = (*(knn or (torch.zeros_like(add), torch.zeros_like(add))), add)
         return kernels.rerank_mf(scores, top, users, st.user_rows.t, st.item_rows.t,
                                  st.user_bias.t, st.item_bias.t, st.scales, st.mu,
                                  cfg.rerank_weight, cfg.rerank_depth, knn,
@@ -657,6 +673,7 @@ class Recommender:
         learner.setdefault("knn_ramp", 0.0)
         learner.setdefault("offset_count_weight", 0.0)  # ... and before the residual offsets
         learner.setdefault("offset_item_weight", 0.0)
+        learner.setdefault("uknn_weight", 0.0)  # ... and before the user neighbourhood
         lr, wd = learner.pop("lr"), learner.pop("weight_decay")
         rec = cls(state.dim, lr, wd, backend, encoder=cfg["encoder"],
                   rating_range=tuple(cfg["rating_range"]), cache_dir=cache_dir,

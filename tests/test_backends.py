@@ -448,7 +448,8 @@ def test_rerank_mf_matches_reference(backend, rng, b, m, depth, integer):
         torch.from_numpy(rng.integers(4, 21, (b, d)).astype(np.float32) / 4),
         torch.from_numpy(rng.integers(0, 3, (b, d)).astype(np.float32) / 4),
     )  # (exact)
-    for w, nb in ((0.0, None), (2.0, None), (2.0, knn)):
+    added = torch.from_numpy(rng.integers(-4, 5, (b, d)).astype(np.float32) / 8)  # (uknn)
+    for w, nb in ((0.0, None), (2.0, None), (2.0, knn), (2.0, (*knn, added))):
         want = ref.rerank_mf(scores, top, users, *tables, scales, mu, w, depth, nb)
         got = kernels.rerank_mf(scores, top, users, *tables, scales, mu, w, depth, nb,
                                 backend=backend)  # fmt: skip

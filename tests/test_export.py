@@ -130,6 +130,12 @@ def test_recommend_and_predict_match_torch_runtime(trained, deployed, precision)
     items = want_ids[:, 0]
     tol = 1e-4 if precision == "fp32" else 0.05
     np.testing.assert_allclose(dep.predict(users, items), trained.predict(users, items), atol=tol)
+    if precision == "fp32":  # ... with the user-neighbourhood correction in both
+        assert dep._user_neighbours is not None
+        trained.config.uknn_weight, w = 0.0, trained.config.uknn_weight
+        without = trained.predict(users, items)
+        trained.config.uknn_weight = w
+        assert np.abs(without - trained.predict(users, items)).max() > 100 * tol
     with pytest.raises(ValueError, match="unknown items"):
         dep.predict([users[0]], ["no-such-item"])
     with pytest.raises(ValueError, match="k must be"):

@@ -171,6 +171,7 @@ def test_baseline_is_the_ridge_solution():
 def test_predict_blends_the_neighbourhood_in_for_users_with_ratings(fitted, stream):
     st, cfg = fitted.state, fitted.config
     assert (cfg.knn_weight, cfg.knn_ramp) == (0.5, 10.0)
+    cfg.uknn_weight = 0.0  # the item neighbourhood alone (test_user_neighbours: the other)
     assert st.knn_rows.shape == (80, cfg.knn_size)  # from the fit
     users = [stream.user_ids[0], stream.user_ids[5], "newcomer"]
     items = [stream.item_ids[3], stream.item_ids[40], stream.item_ids[7]]
@@ -219,13 +220,17 @@ def test_checkpoints_keep_it_and_old_ones_load_without_it(fitted, stream, tmp_pa
     assert np.array_equal(again.predict(users, items), fitted.predict(users, items))
     drop = ("seen_ratings", "seen_ages")
     old = Recommender.load(
-        rewritten_checkpoint(
-            fitted, tmp_path / "old", lambda k: k.startswith("knn_") or k in drop, ["knn_weight"]
+        rewritten_checkpoint(  # (from before the user neighbourhood too)
+            fitted,
+            tmp_path / "old",
+            lambda k: k.startswith(("knn_", "uknn_")) or k in drop,
+            ["knn_weight", "uknn_weight"],
         )
     )
     assert old.config.knn_weight == 0.0 and old.state.knn_rows.numel() == 0
     assert old.state.seen.history(0)[1].size == 0  # every rating unknown: none to read
-    fitted.config.knn_weight = 0.0  # what the old model predicts: the factor model's ratings
+    # what the old model predicts: the factor model's ratings
+    fitted.config.knn_weight = fitted.config.uknn_weight = 0.0
     assert np.array_equal(old.predict(users, items), fitted.predict(users, items))
     # switched on later: the unknown (NaN) ratings are left out, the new ones count
     old.config.knn_weight = 0.4

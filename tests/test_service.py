@@ -47,7 +47,7 @@ def test_fit_recommend_predict(fitted, stream):
     fitted.config.rank_by = "rating"
     try:
         items, scores = fitted.recommend([0], k=5)
-        fitted.config.knn_weight = 0.0
+        fitted.config.knn_weight = fitted.config.uknn_weight = 0.0
         p = fitted.predict([0] * 5, items[0].tolist())
         cols = [st.items.index[j] for j in items[0].tolist()]
         prior = fitted.config.prior_weight * np.log1p(st.recent_counts().numpy()[cols])
@@ -431,11 +431,13 @@ def test_recency_prior_counts_decay_exactly(stream):
 def test_large_batch_is_lr_batch_steps_in_time_order(stream):
     """A call with more than lr_batch events equals feeding its chunks one call at a time
     (known users and items), and returns the events' mean pre-step loss. (The residual
-    offsets learn from each call's errors against the answers before it: off here.)"""
+    offsets learn from each call's errors against the answers before it, and a call's users
+    get their neighbour lists from the ratings at its end: both off here.)"""
     recs = []
     for _ in range(2):
         rec = Recommender(dim=4, encoder="hashing-16", max_epochs=2, lr_batch=40, replay_ratio=0.0,
-                          offset_count_weight=0.0, offset_item_weight=0.0)  # fmt: skip
+                          offset_count_weight=0.0, offset_item_weight=0.0,
+                          uknn_weight=0.0)  # fmt: skip
         rec.add_items(stream.item_ids, stream.item_text)
         ev = stream.events
         rec.fit(ev.user[:600], ev.item[:600], ev.rating[:600])

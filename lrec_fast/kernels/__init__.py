@@ -10,7 +10,8 @@ Backend contract (the same for every hot path):
 
 Hot paths: ``score_topk`` (recommend), ``mf_sgd_step`` / ``mf_adagrad_step`` (the rating
 update), ``advance_histories`` and ``softmax_step`` (the ranking head's update),
-``item_neighbours`` and ``knn_predict`` (the neighbourhood correction of predicted ratings).
+``item_neighbours`` and ``knn_predict`` (the neighbourhood correction of predicted ratings),
+``user_neighbours`` and ``user_knn_predict`` (the user-neighbourhood correction).
 
 Implemented: triton (``triton_score.py``, ``triton_update.py``; runs CUDA tensors, or CPU
 tensors under ``TRITON_INTERPRET=1``, which is only for tests and never chosen automatically),
@@ -76,6 +77,8 @@ def _load(name: str) -> Backend:
             # the neighbourhood correction runs on the CPU tables (neighbours.py)
             item_neighbours=reference.item_neighbours,
             knn_predict=reference.knn_predict,
+            user_neighbours=reference.user_neighbours,
+            user_knn_predict=reference.user_knn_predict,
         ))  # fmt: skip
     raise BackendUnavailable(f"unknown backend {name!r}; choose from {', '.join(PRIORITY)}")
 
@@ -146,6 +149,16 @@ def knn_predict(*args, backend: str | None = None, **kwargs):  # type: ignore[no
     return resolve_backend(backend, args[0].device).module.knn_predict(*args, **kwargs)
 
 
+def user_neighbours(*args, backend: str | None = None, **kwargs):  # type: ignore[no-untyped-def]
+    """Dispatching user-neighbour lists; see ``reference.user_neighbours``."""
+    return resolve_backend(backend, args[0].device).module.user_neighbours(*args, **kwargs)
+
+
+def user_knn_predict(*args, backend: str | None = None, **kwargs):  # type: ignore[no-untyped-def]
+    """Dispatching user-kNN correction; see ``reference.user_knn_predict``."""
+    return resolve_backend(backend, args[0].device).module.user_knn_predict(*args, **kwargs)
+
+
 __all__ = [
     "PRIORITY",
     "Backend",
@@ -161,4 +174,6 @@ __all__ = [
     "resolve_backend",
     "score_topk",
     "softmax_step",
+    "user_knn_predict",
+    "user_neighbours",
 ]

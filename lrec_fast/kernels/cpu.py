@@ -441,6 +441,10 @@ def _f32(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().float().numpy())
 
 
+def _f64(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().double().numpy())
+
+
 def _i64(t: torch.Tensor) -> np.ndarray:  # no copy when it already is
     return np.ascontiguousarray(t.numpy().astype(np.int64, copy=False))
 
@@ -543,12 +547,12 @@ def _rerank_rows(
     scores: np.ndarray, top: np.ndarray, users: np.ndarray, urows: np.ndarray,
     irows: np.ndarray, ubias: np.ndarray, ibias: np.ndarray, s_dot: np.float32,
     s_bu: np.float32, s_bv: np.float32, mu: np.float32, weight: np.float32, depth: int,
-    shift: np.ndarray, knn_val: np.ndarray, knn_w: np.ndarray,
+    shift: np.ndarray, knn_val: np.ndarray, knn_w: np.ndarray, knn_add: np.ndarray,
 ) -> None:  # fmt: skip
     """``reference.rerank_mf`` in place on scores [B, m] / top [B, m]: per query, the blended
-    score of its first ``depth`` candidates (one dot product each, and the neighbourhood
-    prediction blended in at ``knn_w`` [B, depth] where > 0), an insertion sort of them (depth is
-    small: 30 by default), and the shift of the rest."""
+    score of its first ``depth`` candidates (one dot product each, the neighbourhood prediction
+    blended in at ``knn_w`` [B, depth] where > 0, then ``knn_add`` added), an insertion sort of
+    them (depth is small: 30 by default), and the shift of the rest."""
     nb, m = top.shape
     d = urows.shape[1]
     bl = np.empty(depth, np.float32)
@@ -572,6 +576,7 @@ def _rerank_rows(
             w = knn_w[b, c]
             if w > 0:
                 pred = (np.float32(1.0) - w) * pred + w * knn_val[b, c]
+            pred += knn_add[b, c]
             bl[c] = scores[b, c] + weight * pred
             low = min(low, bl[c])
             any_valid = True
@@ -595,17 +600,18 @@ def rerank_mf(
     scores: torch.Tensor, top: torch.Tensor, users: torch.Tensor, user_rows: torch.Tensor,
     item_rows: torch.Tensor, user_bias: torch.Tensor, item_bias: torch.Tensor,
     scales: torch.Tensor, mu: torch.Tensor, weight: float, depth: int,
-    knn: tuple[torch.Tensor, torch.Tensor] | None = None,
+    knn: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``reference.rerank_mf`` in one compiled pass (no per-call torch sorts or gathers)."""
     depth = min(depth, top.shape[1])
     shift = torch.zeros(top.shape[0])
     if weight == 0 or depth == 0 or top.shape[0] == 0:
         return scores, top, shift
-    if knn is None:
-        knn_val = knn_w = np.zeros((top.shape[0], depth), np.float32)
-    else:
+    none = np.zeros((top.shape[0], depth), np.float32)
+    knn_val, knn_w, knn_add = none, none, none
+    if knn is not None:
         knn_val, knn_w = _f32(knn[0]), _f32(knn[1])
+        knn_add = _f32(knn[2]) if len(knn) > 2 else none
     out_s = scores.detach().float().numpy().copy()
     out_t = top.numpy().astype(np.int64, copy=True)
     sc = scales.tolist()
@@ -613,7 +619,7 @@ def rerank_mf(
                  _f32(item_rows), _f32(user_bias), _f32(item_bias),
                  np.float32(sc[SCALE_USER] * sc[SCALE_ITEM]), np.float32(sc[SCALE_USER_BIAS]),
                  np.float32(sc[SCALE_ITEM_BIAS]), np.float32(float(mu)), np.float32(weight),
-                 depth, shift.numpy(), knn_val, knn_w)  # fmt: skip
+                 depth, shift.numpy(), knn_val, knn_w, knn_add)  # fmt: skip
     return torch.from_numpy(out_s), torch.from_numpy(out_t), shift
 
 
@@ -924,26 +930,34 @@ __all__ = [
 
 @njit(cache=True, parallel=True)
 def _neighbour_rows(
-    i_ptr: np.ndarray, i_users: np.ndarray, i_res: np.ndarray, u_ptr: np.ndarray,
-    u_items: np.ndarray, u_res: np.ndarray, size: int, shrink: float, parts: int,
-    out_rows: np.ndarray, out_sims: np.ndarray,
+    which: np.ndarray, a_lo: np.ndarray, a_hi: np.ndarray, a_minor: np.ndarray,
+    a_val: np.ndarray, b_lo: np.ndarray, b_hi: np.ndarray, b_major: np.ndarray,
+    b_val: np.ndarray, off_major: np.ndarray, off_minor: np.ndarray, shrink: float,
+    parts: int, out_rows: np.ndarray, out_sims: np.ndarray,
 ) -> None:  # fmt: skip
-    """Per item i (items split into ``parts`` contiguous parts, one buffer set each): walk its
-    raters' items once, summing the co-rater products into dense buffers (only the touched
-    entries are read back and reset), then keep the positive similarities, sorted."""
-    n_items = out_rows.shape[0]
+    """The most similar majors (items for the item kNN, users for the user kNN) of each major
+    m = ``which[r]`` into row r of the outputs. A: m's entries ``a_lo[r]:a_hi[r]`` (minor,
+    value); B: minor x's entries ``b_lo[x]:b_hi[x]`` (major, value); an entry's residual is
+    value - off_major[major] - off_minor[minor]. Per m (rows split into ``parts`` contiguous
+    parts, one buffer set each): walk its minors' majors once, summing the co-rated products
+    into dense buffers (only the touched entries are read back and reset), then keep the
+    positive similarities, sorted."""
+    n_rows, n_major = which.shape[0], off_major.shape[0]
     for p in prange(parts):
-        # per item j: [sum e_i e_j, sum e_i^2, sum e_j^2, co-raters], one cache line's share
-        acc = np.zeros((n_items, 4))
-        touched = np.empty(n_items, np.int64)
-        cand_s, cand_j = np.empty(n_items, np.float32), np.empty(n_items, np.int64)
-        for i in range(p * n_items // parts, (p + 1) * n_items // parts):
+        # per major j: [sum e_i e_j, sum e_i^2, sum e_j^2, co-rated], one cache line's share
+        acc = np.zeros((n_major, 4))
+        touched = np.empty(n_major, np.int64)
+        cand_s, cand_j = np.empty(n_major, np.float32), np.empty(n_major, np.int64)
+        for r in range(p * n_rows // parts, (p + 1) * n_rows // parts):
+            i = which[r]
             nt = 0
-            for q in range(i_ptr[i], i_ptr[i + 1]):
-                u, ei = i_users[q], i_res[q]
+            for q in range(a_lo[r], a_hi[r]):
+                x = a_minor[q]
+                ei = a_val[q] - off_major[i] - off_minor[x]
                 ei2 = ei * ei
-                for t in range(u_ptr[u], u_ptr[u + 1]):
-                    j, ej = u_items[t], u_res[t]
+                for t in range(b_lo[x], b_hi[x]):
+                    j = b_major[t]
+                    ej = b_val[t] - off_minor[x] - off_major[j]
                     row = acc[j]
                     if row[3] == 0.0:
                         touched[nt] = j
@@ -986,8 +1000,8 @@ def _neighbour_rows(
                 js, ss = cand_j[:nc][by_row], cand_s[:nc][by_row]
                 order = np.argsort(-ss, kind="mergesort")
                 for t in range(min(nc, size)):
-                    out_rows[i, t] = js[order[t]]
-                    out_sims[i, t] = ss[order[t]]
+                    out_rows[r, t] = js[order[t]]
+                    out_sims[r, t] = ss[order[t]]
 
 
 def _csr(
@@ -1014,8 +1028,9 @@ def item_neighbours(
     sims = np.zeros((n_items, size), np.float32)
     if n_items and size:
         parts = min(n_items, 4 * numba.get_num_threads())
-        _neighbour_rows(i_ptr, i_users, i_res, u_ptr, u_items, u_res, size, float(shrink),
-                        parts, rows, sims)  # fmt: skip
+        _neighbour_rows(np.arange(n_items), i_ptr[:-1], i_ptr[1:], i_users, i_res, u_ptr[:-1],
+                        u_ptr[1:], u_items, u_res, np.zeros(n_items), np.zeros(n_users),
+                        float(shrink), parts, rows, sims)  # fmt: skip
     return torch.from_numpy(rows), torch.from_numpy(sims)
 
 
@@ -1108,3 +1123,96 @@ def knn_predict(
                   np.power(float(decay), powers), float(lo), float(hi), where, out,
                   has)  # fmt: skip
     return torch.from_numpy(out), torch.from_numpy(has)
+
+
+def _rater_arrays(raters: tuple[torch.Tensor, ...]) -> tuple[np.ndarray, ...]:
+    start, count, users, ratings = raters
+    return _i64(start), _i64(count), _i64(users), _f32(ratings)
+
+
+def user_neighbours(
+    which: torch.Tensor, hist_indptr: torch.Tensor, hist_items: torch.Tensor,
+    hist_ratings: torch.Tensor, raters: tuple[torch.Tensor, ...], user_base: torch.Tensor,
+    item_base: torch.Tensor, size: int, shrink: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``reference.user_neighbours`` without the dense matrices: O(sum over the users' items
+    of the item's raters) time. One n_users buffer set per thread, so at most as many parts as
+    threads (a feedback call refreshes a few dozen users)."""
+    m = which.numel()
+    rows = np.full((m, size), -1, np.int64)
+    sims = np.zeros((m, size), np.float32)
+    if m and size:
+        start, count, users, ratings = _rater_arrays(raters)
+        ptr = _i64(hist_indptr)
+        _neighbour_rows(_i64(which), ptr[:-1], ptr[1:], _i64(hist_items), _f32(hist_ratings),
+                        start, start + count, users, ratings, _f64(user_base),
+                        _f64(item_base), float(shrink), min(m, numba.get_num_threads()), rows,
+                        sims)  # fmt: skip
+    return torch.from_numpy(rows), torch.from_numpy(sims)
+
+
+@njit(cache=True)
+def _user_knn_rows(
+    users: np.ndarray, items: np.ndarray, nbr_rows: np.ndarray, nbr_sims: np.ndarray,
+    start: np.ndarray, count: np.ndarray, r_users: np.ndarray, r_ratings: np.ndarray,
+    user_base: np.ndarray, item_base: np.ndarray, k: int, reg: float, where: np.ndarray,
+    out: np.ndarray,
+) -> None:  # fmt: skip
+    """Events grouped by user: the user's neighbours are marked in ``where`` (user row -> rank,
+    -1 elsewhere; left all -1 again), so each rater of an item is one lookup; the hits' ranks,
+    sorted, give the first k. Serial, as ``_knn_rows``."""
+    size = nbr_rows.shape[1]
+    resid = np.empty(size)
+    hits = np.empty(size, np.int64)
+    order = np.argsort(users, kind="mergesort")
+    e0 = 0
+    while e0 < order.shape[0]:
+        a = users[order[e0]]
+        e1 = e0
+        while e1 < order.shape[0] and users[order[e1]] == a:
+            e1 += 1
+        if 0 <= a < nbr_rows.shape[0]:
+            for t in range(size):
+                v = nbr_rows[a, t]
+                if v >= 0:
+                    where[v] = t
+            for q in range(e0, e1):
+                e, j = order[q], items[order[q]]
+                if j >= start.shape[0]:
+                    continue
+                nh = 0
+                for t in range(start[j], start[j] + count[j]):
+                    v = r_users[t]
+                    rank = where[v]
+                    if rank >= 0:
+                        hits[nh] = rank
+                        resid[rank] = np.float64(r_ratings[t]) - item_base[j] - user_base[v]
+                        nh += 1
+                ranks = np.sort(hits[:nh])
+                num = den = 0.0
+                for t in range(min(nh, k)):
+                    s = np.float64(nbr_sims[a, ranks[t]])
+                    num += s * resid[ranks[t]]
+                    den += s
+                den += reg
+                out[e] = num / den if den > 0 else 0.0
+            for t in range(size):
+                v = nbr_rows[a, t]
+                if v >= 0:
+                    where[v] = -1
+        e0 = e1
+
+
+def user_knn_predict(
+    users: torch.Tensor, items: torch.Tensor, nbr_rows: torch.Tensor, nbr_sims: torch.Tensor,
+    raters: tuple[torch.Tensor, ...], user_base: torch.Tensor, item_base: torch.Tensor, k: int,
+    reg: float,
+) -> torch.Tensor:  # fmt: skip
+    """``reference.user_knn_predict``, one compiled pass over the events."""
+    out = np.zeros(items.numel(), np.float32)
+    if out.size:
+        start, count, r_users, r_ratings = _rater_arrays(raters)
+        _user_knn_rows(_i64(users), _i64(items), _i64(nbr_rows), _f32(nbr_sims), start, count,
+                       r_users, r_ratings, _f64(user_base), _f64(item_base), int(k), float(reg),
+                       _positions(user_base.numel()), out)  # fmt: skip
+    return torch.from_numpy(out)

@@ -506,13 +506,14 @@ def rerank_mf(
     scores: torch.Tensor, top: torch.Tensor, users: torch.Tensor, user_rows: torch.Tensor,
     item_rows: torch.Tensor, user_bias: torch.Tensor, item_bias: torch.Tensor,
     scales: torch.Tensor, mu: torch.Tensor, weight: float, depth: int,
-    knn: tuple[torch.Tensor, torch.Tensor] | None = None,
+    knn: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``rerank`` with the biased factorisation's predicted rating (``predict``) of query b's
-    user row ``users[b]`` (int64 [B]): what ``recommend`` re-ranks with. ``knn``: the
-    neighbourhood predictions of the first min(depth, m) candidates and their weights w
-    (float32 [B, depth] each), blended in as (1 - w) x rating + w x prediction where w > 0.
-    Returns new tensors (scores, top, shift)."""
+    user row ``users[b]`` (int64 [B]): what ``recommend`` re-ranks with. ``knn`` = (values,
+    weights[, added]), float32 [B, depth] each for the first min(depth, m) candidates: the
+    item-neighbourhood predictions, blended in as (1 - w) x rating + w x value where w > 0,
+    then the amounts added (the user-neighbourhood correction). Returns new tensors (scores,
+    top, shift)."""
 
     def rating(items: torch.Tensor) -> torch.Tensor:
         flat_users = users[:, None].expand_as(items).reshape(-1)
@@ -520,6 +521,8 @@ def rerank_mf(
                     items.reshape(-1)).view(items.shape)  # fmt: skip
         if knn is not None:
             r = torch.where(knn[1] > 0, (1 - knn[1]) * r + knn[1] * knn[0], r)
+            if len(knn) > 2:
+                r = r + knn[2]
         return r
 
     return rerank(scores, top, rating, weight, depth)
@@ -549,16 +552,99 @@ def item_neighbours(
     num, count, sq = x.T @ x, b.T @ b, (x * x).T @ b  # sq[i, j]: sum over C of e_i^2
     den = torch.sqrt(sq * sq.T)
     sim = torch.where(den > 0, num / den.clamp_min(1e-300), 0.0) * count / (count + shrink)
-    sim = sim.fill_diagonal_(0.0).float()  # ordered in float32: equal sums (one co-rater) tie
+    return _most_similar(sim.fill_diagonal_(0.0), size)
+
+
+def _most_similar(sim: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``sim`` (float64 [M, n]; 0 where none): the ``size`` largest positive
+    entries' columns and values, as float32 (ordered in float32: equal sums tie), most
+    similar first, ties by the lower column; -1 / 0 pad."""
+    sim = sim.float()
     order = torch.sort(-sim, dim=1, stable=True).indices[:, :size]
     top = torch.gather(sim, 1, order)
     keep = top > 0
-    rows = torch.full((n_items, size), -1, dtype=torch.int64)
-    sims = torch.zeros(n_items, size, dtype=torch.float32)
+    rows = torch.full((sim.shape[0], size), -1, dtype=torch.int64)
+    sims = torch.zeros(sim.shape[0], size, dtype=torch.float32)
     w = order.shape[1]
     rows[:, :w] = torch.where(keep, order, -1)
     sims[:, :w] = torch.where(keep, top, 0.0)
     return rows, sims
+
+
+# Who rated each item (``lrec_fast.raters.Raters``): item j's raters are
+# users[start[j] : start[j] + count[j]], with their ratings, in any order.
+RaterArrays = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _rater_events(raters: RaterArrays) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(user rows, item rows, ratings float64) of every entry of ``raters``."""
+    start, count, users, ratings = raters
+    items = torch.repeat_interleave(torch.arange(start.numel()), count)
+    first = torch.repeat_interleave(start - torch.cumsum(count, 0) + count, count)
+    idx = first + torch.arange(items.numel())
+    return users[idx], items, ratings[idx].double()
+
+
+def user_neighbours(
+    which: torch.Tensor, hist_indptr: torch.Tensor, hist_items: torch.Tensor,
+    hist_ratings: torch.Tensor, raters: RaterArrays, user_base: torch.Tensor,
+    item_base: torch.Tensor, size: int, shrink: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The ``size`` most similar users of each user row ``which[m]`` (int64 [M]), whose rated
+    item rows and ratings are ``hist_items[hist_indptr[m]:hist_indptr[m+1]]`` (the same entries
+    ``raters`` holds for that user). Residuals e = r - item_base[i] - user_base[u] (float64
+    [n_items], [n_users]); for users a != v with co-rated items C:
+        sim(a, v) = sum_C e_a e_v / sqrt(sum_C e_a^2 * sum_C e_v^2) * |C| / (|C| + shrink),
+    the positive ones kept as ``item_neighbours`` keeps them: (rows int64 [M, size], -1 pad;
+    sims float32, 0 pad). Dense here (M x n_items and n_users x n_items)."""
+    n_users, n_items = user_base.numel(), item_base.numel()
+    m = which.numel()
+    mine = torch.repeat_interleave(torch.arange(m), torch.diff(hist_indptr))
+    xa = torch.zeros(m, n_items, dtype=torch.float64)
+    xa[mine, hist_items] = hist_ratings.double() - item_base[hist_items] - user_base[which[mine]]
+    ba = torch.zeros(m, n_items, dtype=torch.float64)
+    ba[mine, hist_items] = 1.0
+    users, items, ratings = _rater_events(raters)
+    x = torch.zeros(n_users, n_items, dtype=torch.float64)
+    x[users, items] = ratings - item_base[items] - user_base[users]
+    b = torch.zeros(n_users, n_items, dtype=torch.float64)
+    b[users, items] = 1.0
+    num, count = xa @ x.T, ba @ b.T
+    den = torch.sqrt(((xa * xa) @ b.T) * (ba @ (x * x).T))
+    sim = torch.where(den > 0, num / den.clamp_min(1e-300), 0.0) * count / (count + shrink)
+    sim[torch.arange(m), which] = 0.0
+    return _most_similar(sim, size)
+
+
+def user_knn_predict(
+    users: torch.Tensor, items: torch.Tensor, nbr_rows: torch.Tensor, nbr_sims: torch.Tensor,
+    raters: RaterArrays, user_base: torch.Tensor, item_base: torch.Tensor, k: int, reg: float,
+) -> torch.Tensor:  # fmt: skip
+    """The user-kNN correction of events (user row ``users[e]``, -1: unknown; item row
+    ``items[e]``): over N = the first k of the user's neighbours (``nbr_rows[a]``, most similar
+    first; none past the table's end) that rated the item, with v's residual on it
+    e_v = r_v - item_base[j] - user_base[v],
+        sum_N s_av e_v / (sum_N s_av + reg)   (0 where N is empty),
+    float32 [E]."""
+    out = torch.zeros(items.numel(), dtype=torch.float32)
+    start, count, r_users, r_ratings = raters
+    for e in range(items.numel()):
+        a, j = int(users[e]), int(items[e])
+        if not (0 <= a < nbr_rows.shape[0] and j < start.numel()):
+            continue
+        lo = int(start[j])
+        who, rated = r_users[lo : lo + int(count[j])], r_ratings[lo : lo + int(count[j])]
+        nbrs = nbr_rows[a]
+        pick = torch.nonzero((nbrs >= 0) & torch.isin(nbrs, who)).flatten()[:k]
+        if pick.numel() == 0:
+            continue
+        v = nbrs[pick]
+        where = (who[None, :] == v[:, None]).long().argmax(1)
+        resid = rated[where].double() - item_base[j] - user_base[v]
+        s = nbr_sims[a, pick].double()
+        den = float(s.sum()) + reg
+        out[e] = float((s * resid).sum()) / den if den > 0 else 0.0
+    return out
 
 
 def knn_predict(

@@ -1,0 +1,271 @@
+"""The user-neighbourhood correction: the raters index, its kernels (numba vs the torch
+reference, and by hand) and its place in the service (feedback, checkpoints, deployments)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lrec_fast import Recommender, kernels, user_neighbours
+from lrec_fast.model import SeenItems, rows_csr
+from lrec_fast.raters import Raters
+
+from .conftest import assert_same_bits, rewritten_checkpoint, state_bits
+
+
+def contents(r: Raters) -> dict[tuple[int, int], float]:
+    out: dict[tuple[int, int], float] = {}
+    for j in range(len(r)):
+        users, ratings = r.rows(j)
+        for a, x in zip(users.tolist(), ratings.tolist(), strict=True):
+            assert (a, j) not in out  # one entry per pair
+            out[(a, j)] = x
+    return out
+
+
+def test_raters_follow_every_event(rng):
+    seen, want = SeenItems(), {}
+    seen.append_users(30)
+    for step in range(60):
+        n = int(rng.integers(0, 25))  # some calls empty
+        u, i = rng.integers(0, 30, n), rng.integers(0, 10 + step, n)  # new items keep coming
+        r = rng.integers(1, 6, n).astype(float)
+        if n and step % 3 == 0:
+            u[-1], i[-1] = u[0], i[0]  # the same pair twice in one call: the later counts
+        seen.add(u.tolist(), i.tolist(), r.tolist())
+        want.update({(int(a), int(b)): float(x) for a, b, x in zip(u, i, r, strict=True)})
+        if step == 5:
+            seen.raters(0)  # built from the dicts here, then kept current
+    got = seen.raters(80)
+    assert len(got) == 80 and contents(got) == want
+    rebuilt = SeenItems.from_csr(*seen.csr()).raters(80)  # (as after a checkpoint)
+    assert contents(rebuilt) == want
+    seen.truncate(12)
+    assert contents(got) == {k: v for k, v in want.items() if k[0] < 12}
+
+
+def test_raters_edges():
+    r = Raters(3)
+    r.add(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+    assert contents(r) == {} and r.rows(7)[0].size == 0  # past the end: nobody
+    r.add(np.arange(50), np.full(50, 1), np.arange(50) % 5 + 1.0)  # one item, many moves
+    r.add(np.array([7]), np.array([1]), np.array([2.5]))  # a re-rating: in place
+    got = contents(r)
+    assert len(got) == 50 and got[(7, 1)] == 2.5
+    assert r.end <= len(r.users)
+    seen = SeenItems.from_csr([0, 2, 3], [0, 1, 1], [4.0, math.nan, 3.0])  # unknown: left out
+    assert contents(seen.raters(2)) == {(0, 0): 4.0, (1, 1): 3.0}
+
+
+def random_model(rng, n_users, n_items, n):
+    """Seen items of random events, their raters, and random baselines."""
+    seen = SeenItems()
+    seen.append_users(n_users)
+    u, i = rng.integers(0, n_users, n), rng.integers(0, n_items, n)
+    seen.add(u.tolist(), i.tolist(), rng.integers(1, 6, n).astype(float).tolist())
+    r = seen.raters(n_items)
+    raters = tuple(torch.from_numpy(x) for x in (r.start, r.count, r.users, r.ratings))
+    base_u = torch.from_numpy(rng.normal(0, 0.3, n_users))
+    base_i = torch.from_numpy(rng.normal(3.5, 0.4, n_items))
+    return seen, raters, base_u, base_i
+
+
+def histories(seen, which):
+    hist = [seen.history(a) for a in which.tolist()]
+    indptr, items = rows_csr([h[0] for h in hist])
+    ratings = np.concatenate([h[1] for h in hist]) if hist else np.zeros(0, np.float32)
+    return torch.from_numpy(indptr), torch.from_numpy(items), torch.from_numpy(ratings)
+
+
+@pytest.mark.parametrize("n_users,n_items,n,size", [(40, 37, 500, 10), (70, 5, 90, 100),
+                                                    (25, 60, 300, 1), (3, 4, 0, 5)])  # fmt: skip
+@pytest.mark.parametrize("shrink", [0.0, 25.0])
+def test_user_neighbours_numba_matches_reference(rng, n_users, n_items, n, size, shrink):
+    seen, raters, base_u, base_i = random_model(rng, n_users, n_items, n)
+    which = torch.from_numpy(rng.permutation(n_users)[: max(1, n_users // 2)])
+    args = (which, *histories(seen, which), raters, base_u, base_i, size, shrink)
+    want = kernels.user_neighbours(*args, backend="torch")
+    got = kernels.user_neighbours(*args, backend="numba")
+    assert got[0].shape == (which.numel(), size)
+    assert torch.equal(got[0], want[0])
+    assert torch.allclose(got[1], want[1], rtol=1e-6, atol=1e-7)
+    assert not (got[0] == which[:, None]).any()  # never oneself
+    assert bool((got[1][got[0] >= 0] > 0).all()) and bool((got[1][got[0] < 0] == 0).all())
+
+
+def test_user_neighbours_by_hand():
+    # users 0, 1, 2 rated items 0, 1; user 3 item 0 only. Zero baselines: residual = rating.
+    seen = SeenItems.from_csr([0, 2, 4, 6, 7], [0, 1, 0, 1, 0, 1, 0],
+                              [1.0, -1.0, 2.0, -2.0, 1.0, 1.0, 3.0])  # fmt: skip
+    r = seen.raters(2)
+    raters = tuple(torch.from_numpy(x) for x in (r.start, r.count, r.users, r.ratings))
+    zero_u, zero_i = torch.zeros(4, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    which = torch.tensor([0])
+    for backend in ("torch", "numba"):
+        rows, sims = kernels.user_neighbours(which, *histories(seen, which), raters, zero_u,
+                                             zero_i, 3, 2.0, backend=backend)  # fmt: skip
+        # user 1: (1*2 + 1*2) / sqrt(2 * 8) * 2 / (2 + 2) = 0.5; user 2: 0 (dropped); user 3:
+        # one co-rated item, 3 / sqrt(1 * 9) * 1 / 3 = 1/3
+        assert rows.tolist() == [[1, 3, -1]]
+        assert sims[0, :2].tolist() == pytest.approx([0.5, 1 / 3])
+
+
+@pytest.mark.parametrize("k,reg", [(1, 0.3), (3, 0.0), (20, 0.3)])
+def test_user_knn_predict_numba_matches_reference(rng, k, reg):
+    n_users, n_items = 50, 30
+    seen, raters, base_u, base_i = random_model(rng, n_users, n_items, 600)
+    which = torch.arange(n_users - 4)  # the last users have no list (rows past the table)
+    rows, sims = kernels.user_neighbours(which, *histories(seen, which), raters, base_u,
+                                         base_i, 8, 5.0, backend="numba")  # fmt: skip
+    e = 400
+    users = torch.from_numpy(rng.integers(-1, n_users, e))  # -1: unknown
+    items = torch.from_numpy(rng.integers(0, n_items + 3, e))  # past the raters: none
+    users[:5], items[:5] = users[5], items[5]  # duplicates
+    args = (users, items, rows, sims, raters, base_u, base_i, k, reg)
+    want = kernels.user_knn_predict(*args, backend="torch")
+    got = kernels.user_knn_predict(*args, backend="numba")
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert (want != 0).float().mean() > 0.3
+    assert bool((want[(users < 0) | (users >= n_users - 4) | (items >= n_items)] == 0).all())
+    empty = kernels.user_knn_predict(users[:0], items[:0], *args[2:], backend="numba")
+    assert empty.shape == (0,)
+
+
+def test_user_knn_predict_by_hand():
+    # item 0 rated by users 1 (4.0), 2 (2.0) and 3 (5.0); user 0's list: 2 (0.5), 1 (0.25), 3
+    # (0.1); item base 3.0, user bases 0.5 / 0 / -1 / 0.
+    seen = SeenItems.from_csr([0, 0, 1, 2, 3], [0, 0, 0], [4.0, 2.0, 5.0])
+    r = seen.raters(1)
+    raters = tuple(torch.from_numpy(x) for x in (r.start, r.count, r.users, r.ratings))
+    rows = torch.tensor([[2, 1, 3]])
+    sims = torch.tensor([[0.5, 0.25, 0.1]])
+    base_u = torch.tensor([0.5, 0.0, -1.0, 0.0], dtype=torch.float64)
+    base_i = torch.tensor([3.0], dtype=torch.float64)
+    for backend in ("torch", "numba"):
+        pair = torch.tensor([0, 0])
+        got = kernels.user_knn_predict(pair, pair, rows, sims, raters, base_u, base_i, 2, 0.25,
+                                       backend=backend)  # fmt: skip
+        # the first two: residuals 2 - 3 + 1 = 0 and 4 - 3 - 0 = 1
+        want = (0.5 * 0.0 + 0.25 * 1.0) / (0.5 + 0.25 + 0.25)
+        assert got.tolist() == pytest.approx([want, want])
+
+
+def test_predict_adds_it_and_feedback_refreshes_the_lists(fitted, stream):
+    st, cfg = fitted.state, fitted.config
+    assert cfg.uknn_weight > 0 and st.uknn_rows.n == 60  # from the fit: every user
+    ev = stream.events.take(slice(1500, 1600))
+    users, items = list(ev.user[:20]), list(ev.item[:20])
+    got = fitted.predict(users, items)
+    cfg.uknn_weight = 0.0
+    bare = fitted.predict(users, items)
+    cfg.uknn_weight = 0.3
+    un = user_neighbours.UserNeighbours.of(st, cfg)
+    rows = torch.tensor([st.users.index[u] for u in users])
+    ii = torch.tensor([st.items.index[j] for j in items])
+    c = 0.3 * kernels.user_knn_predict(
+        rows,
+        ii,
+        un.rows,
+        un.sims,
+        un.raters,
+        un.user_base,
+        un.item_base,
+        cfg.uknn_k,
+        cfg.uknn_reg,
+        backend="torch",
+    )
+    assert np.allclose(got, bare + c.numpy(), rtol=1e-5, atol=1e-6) and c.abs().max() > 0
+    full = fitted.score_all(users[:5])
+    cols = [fitted.item_ids.index(j) for j in items[:5]]
+    assert np.allclose(full[range(5), cols], got[:5], rtol=1e-5, atol=1e-6)
+    # a feedback call: its users' lists now are what a recompute from every rating gives
+    touched = sorted({st.users.index.get(u, -1) for u in ev.user} - {-1})
+    before = st.uknn_rows.t.clone()
+    fitted.config.refit_every = fitted.config.consolidate_every = 0  # nothing else recomputes
+    fitted.feedback(ev.user, ev.item, ev.rating)
+    after = st.uknn_rows.t.clone()
+    assert not torch.equal(before[touched], after[touched])
+    others = [a for a in range(60) if a not in touched]
+    assert torch.equal(before[others], after[others])  # the others wait for the refit
+    user_neighbours.recompute(st, cfg, "torch")
+    assert torch.equal(st.uknn_rows.t[touched], after[touched])
+
+
+def test_a_rating_moves_the_neighbours_prediction_at_once(fitted, stream):
+    st, cfg = fitted.state, fitted.config
+    cfg.user_gain = cfg.lr = cfg.replay_ratio = cfg.rank_lr = 0.0  # the models learn nothing
+    cfg.knn_weight = cfg.offset_count_weight = cfg.offset_item_weight = 0.0
+    a = 0
+    v = int(st.uknn_rows.t[a, 0])  # user 0's closest neighbour
+    j = next(j for j in range(80) if j not in st.seen[a] and j not in st.seen[v])
+    u_a, u_v, item = st.users.ids[a], st.users.ids[v], st.items.ids[j]
+    before = fitted.predict([u_a], [item])[0]
+    fitted.feedback([u_v], [item], [5.0])  # the neighbour loves it
+    assert fitted.predict([u_a], [item])[0] > before
+
+
+def test_checkpoints_keep_it_and_old_ones_load_without_it(fitted, stream, tmp_path):
+    ev = stream.events.take(slice(1500, 1700))
+    fitted.feedback(ev.user, ev.item, ev.rating)
+    fitted.save(tmp_path / "ck")
+    again = Recommender.load(tmp_path / "ck")
+    assert_same_bits(state_bits(fitted), state_bits(again))
+    users, items = list(stream.user_ids[:8]), list(stream.item_ids[10:18])
+    assert np.array_equal(again.predict(users, items), fitted.predict(users, items))
+    ev = stream.events.take(slice(1700, 1800))  # and both go on alike
+    fitted.feedback(ev.user, ev.item, ev.rating)
+    again.feedback(ev.user, ev.item, ev.rating)
+    assert np.array_equal(again.predict(users, items), fitted.predict(users, items))
+    old = Recommender.load(rewritten_checkpoint(fitted, tmp_path / "old",
+                                                lambda k: k.startswith("uknn_"),
+                                                ["uknn_weight"]))  # fmt: skip
+    assert old.config.uknn_weight == 0.0 and old.state.uknn_rows.n == 0
+    fitted.config.uknn_weight = 0.0
+    assert np.array_equal(old.predict(users, items), fitted.predict(users, items))
+
+
+@pytest.mark.parametrize("flaw", ["row", "shape", "nan"])
+def test_malformed_lists_are_refused(fitted, tmp_path, flaw):
+    def damage(t):
+        if flaw == "row":
+            t["uknn_rows"][2, 0] = 60  # no such user
+        elif flaw == "shape":
+            t["uknn_sims"] = t["uknn_sims"][:-1]
+        else:
+            t["uknn_sims"][1, 1] = float("nan")
+
+    with pytest.raises(ValueError, match="user neighbours"):
+        Recommender.load(rewritten_checkpoint(fitted, tmp_path / "ck", edit=damage))
+
+
+def test_a_rejected_batch_keeps_them(fitted, stream):
+    before = state_bits(fitted)
+    ev = stream.events.take(slice(1500, 1510))
+    with pytest.raises(ValueError):
+        fitted.feedback([*ev.user, "new"], [*ev.item, "no-such-item"], [*ev.rating, 3.0])
+    assert_same_bits(before, state_bits(fitted))
+    assert fitted.state.uknn_rows.n == 60
+
+
+def test_switched_off_nothing_is_computed(stream):
+    rec = Recommender(dim=8, encoder="hashing-64", max_epochs=2, uknn_weight=0.0)
+    rec.add_items(stream.item_ids, stream.item_text)
+    ev = stream.events.take(slice(0, 600))
+    rec.fit(ev.user, ev.item, ev.rating)
+    rec.feedback(*(getattr(stream.events.take(slice(600, 700)), f) for f in
+                   ("user", "item", "rating")))  # fmt: skip
+    assert rec.state.uknn_rows.n == 0
+    assert user_neighbours.UserNeighbours.of(rec.state, rec.config) is None
+
+
+BAD = [{"uknn_weight": 1.5}, {"uknn_weight": -0.1}, {"uknn_size": -1}, {"uknn_k": -2},
+       {"uknn_shrink": math.nan}, {"uknn_reg": -1.0}, {"uknn_user_reg": math.inf}]  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", BAD)
+def test_config_is_checked(bad):
+    with pytest.raises(ValueError, match="uknn"):
+        Recommender(encoder="hashing-64", **bad)
