@@ -38,31 +38,31 @@ def rec():
     return movielens_sized()
 
 
-@pytest.mark.parametrize("rerank", ["knn", "mf", "none"],
-                         ids=["rerank", "rerank-mf-only", "no-rerank"])  # fmt: skip
-@pytest.mark.parametrize("b", [1, 64])
-def test_recommend(benchmark, rec, b, rerank):
-    """The default (warm users' top 30 re-ranked by the predicted rating, the neighbourhood
-    correction included) beside the factor model's rating alone and rerank_weight=0."""
-    users = rec.state.users.ids[:b]
-    benchmark.group = f"service recommend B={b} k=10"
-    cfg = rec.config
-    weight, knn = cfg.rerank_weight, cfg.knn_weight
-    cfg.rerank_weight = weight if rerank != "none" else 0.0
-    cfg.knn_weight = knn if rerank == "knn" else 0.0
-    try:
-        items, _ = benchmark(rec.recommend, users, 10)
-    finally:
-        cfg.rerank_weight, cfg.knn_weight = weight, knn
-    assert items.shape == (b, 10)
-
-
 def switched_off(rec: Recommender, names: list[str]) -> dict[str, float]:
     """Set the config's ``names`` to 0; returns their values to restore."""
     saved = {k: getattr(rec.config, k) for k in names}
     for k in names:
         setattr(rec.config, k, 0.0)
     return saved
+
+
+@pytest.mark.parametrize("off", ["default", "no-uknn", "mf-only", "no-rerank"])
+@pytest.mark.parametrize("b", [1, 64])
+def test_recommend(benchmark, rec, b, off):
+    """The default (warm users' top 30 re-ranked by the predicted rating, both neighbourhood
+    corrections included) beside the re-rank without the user neighbourhood, with the factor
+    model's rating alone, and rerank_weight=0."""
+    users = rec.state.users.ids[:b]
+    benchmark.group = f"service recommend B={b} k=10"
+    saved = switched_off(rec, {"default": [], "no-uknn": ["uknn_weight"],
+                               "mf-only": ["uknn_weight", "knn_weight"],
+                               "no-rerank": ["rerank_weight"]}[off])  # fmt: skip
+    try:
+        items, _ = benchmark(rec.recommend, users, 10)
+    finally:
+        for k, v in saved.items():
+            setattr(rec.config, k, v)
+    assert items.shape == (b, 10)
 
 
 OFFSETS = ["offset_count_weight", "offset_item_weight"]

@@ -313,10 +313,11 @@ class ModelState:
     offset_item: Rows = field(init=False)
     # User-neighbourhood correction (user_neighbours.py): each user row's most similar users
     # (int64 [n, size], -1 pad; sims float32; n <= n_users: rows past it have none yet), and
-    # the users' mean residuals (float64 [n_users], derived: rebuilt after a load or rollback).
+    # the baseline's item terms and the users' mean residuals (float64 [n_items], [n_users];
+    # derived: rebuilt after a load, rollback or recompute).
     uknn_rows: Rows = field(init=False)
     uknn_sims: Rows = field(init=False)
-    uknn_user_base: Any = field(default=None, repr=False, compare=False)
+    uknn_bases: Any = field(default=None, repr=False, compare=False)
     # Random source of the learner (row initialisation, sampled negatives, shuffles), saved
     # with the checkpoint so a reloaded model continues exactly as the original would.
     rng: torch.Generator = field(default_factory=torch.Generator, repr=False, compare=False)
@@ -573,7 +574,7 @@ class ModelState:
         self.uknn_sims = Rows(rows.shape[1], torch.float32)
         self.uknn_rows.set(rows.clone())
         self.uknn_sims.set(t.get("uknn_sims", torch.zeros(0, 0)).clone())
-        self.uknn_user_base = None
+        self.uknn_bases = None
 
     def snapshot(self) -> dict[str, Any]:
         """A deep copy to roll back to (tensors plus id maps)."""
@@ -600,8 +601,8 @@ class ModelState:
         self.users._array = self.items._array = None
         self.user_rows.n = self.user_bias.n = self.user_recent.n = nu
         self.uknn_rows.n = self.uknn_sims.n = min(self.uknn_rows.n, nu)
-        if self.uknn_user_base is not None:
-            self.uknn_user_base = self.uknn_user_base[:nu]
+        if self.uknn_bases is not None:
+            self.uknn_bases = (self.uknn_bases[0][:ni], self.uknn_bases[1][:nu])
         for name in ("item_rows", "item_bias", "item_text", "item_count", "item_recent",
                      "offset_item", "ctx_rows", "tgt_rows", "tgt_bias", "ctx_acc", "tgt_acc",
                      "tgt_bias_acc"):  # fmt: skip

@@ -48,12 +48,12 @@ def enabled(cfg: LearnerConfig) -> bool:
     return cfg.uknn_weight > 0 and cfg.uknn_size > 0 and cfg.uknn_k > 0
 
 
-def item_base(state: ModelState) -> torch.Tensor:
+def item_base(state: ModelState) -> np.ndarray:
     """mu + b_i of the baseline, float64 [n_items] (b_i 0 for items newer than it)."""
     n = len(state.items)
-    b = torch.zeros(n, dtype=torch.float64)
+    b = np.zeros(n)
     m = min(n, state.knn_bias.numel())
-    b[:m] = state.knn_bias[:m].double()
+    b[:m] = state.knn_bias[:m].numpy()
     return b + float(state.knn_mu)
 
 
@@ -75,18 +75,20 @@ def _histories(state: ModelState, users: np.ndarray) -> tuple[np.ndarray, np.nda
     return indptr, items, ratings.astype(np.float32, copy=False)
 
 
-def _user_base(state: ModelState, cfg: LearnerConfig, base_i: np.ndarray) -> np.ndarray:
-    """Every user's b_u (float64 [n_users]): cached on the state until a checkpoint, rollback
-    or recompute drops it; users added since get theirs."""
-    have = state.uknn_user_base
-    n = len(state.users)
-    if have is None or len(have) < n:
-        old = 0 if have is None else len(have)
-        new = np.arange(old, n)
-        part = user_bases(*_histories(state, new), base_i, cfg.uknn_user_reg)
-        have = part if have is None else np.concatenate([have, part])
-        state.uknn_user_base = have
-    return have
+def _bases(state: ModelState, cfg: LearnerConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(mu + b_i float64 [n_items], b_u float64 [n_users]): cached on the state until a
+    checkpoint, rollback or recompute drops them; items and users added since get theirs."""
+    cached = state.uknn_bases
+    base_i = cached[0] if cached is not None else item_base(state)
+    if len(base_i) < len(state.items):
+        base_i = item_base(state)
+    have = cached[1] if cached is not None else np.zeros(0)
+    if len(have) < len(state.users):
+        new = np.arange(len(have), len(state.users))
+        have = np.concatenate([have, user_bases(*_histories(state, new), base_i,
+                                                cfg.uknn_user_reg)])  # fmt: skip
+    state.uknn_bases = (base_i, have)
+    return base_i, have
 
 
 def _arrays(r: Raters) -> RaterArrays:
@@ -98,7 +100,7 @@ def _raters(state: ModelState) -> RaterArrays:
     return _arrays(state.seen.raters(len(state.items)))
 
 
-def _store(state: ModelState, size: int, users: torch.Tensor, rows: torch.Tensor,
+def _store(state: ModelState, size: int, users: np.ndarray, rows: torch.Tensor,
            sims: torch.Tensor) -> None:  # fmt: skip
     if state.uknn_rows.t.shape[1] != size:  # (first lists, or a new size): start empty
         state.uknn_rows, state.uknn_sims = Rows(size, torch.int64), Rows(size, torch.float32)
@@ -106,8 +108,8 @@ def _store(state: ModelState, size: int, users: torch.Tensor, rows: torch.Tensor
     if need > 0:
         state.uknn_rows.append(torch.full((need, size), -1, dtype=torch.int64))
         state.uknn_sims.append(torch.zeros(need, size))
-    state.uknn_rows.t[users] = rows
-    state.uknn_sims.t[users] = sims
+    state.uknn_rows.t.numpy()[users] = rows.numpy()  # (numpy: a third of torch's indexing cost)
+    state.uknn_sims.t.numpy()[users] = sims.numpy()
 
 
 def refresh(state: ModelState, cfg: LearnerConfig, users: torch.Tensor,
@@ -116,22 +118,21 @@ def refresh(state: ModelState, cfg: LearnerConfig, users: torch.Tensor,
     neighbour lists, now. Nothing when the correction is off."""
     if not enabled(cfg) or users.numel() == 0:
         return
-    users = users.unique()
-    base_i = item_base(state)
-    base_u = _user_base(state, cfg, base_i.numpy())
-    indptr, items, ratings = _histories(state, users.numpy())
-    base_u[users.numpy()] = user_bases(indptr, items, ratings, base_i.numpy(), cfg.uknn_user_reg)
+    which = np.unique(users.numpy())
+    base_i, base_u = _bases(state, cfg)
+    indptr, items, ratings = _histories(state, which)
+    base_u[which] = user_bases(indptr, items, ratings, base_i, cfg.uknn_user_reg)
     rows, sims = kernels.user_neighbours(
-        users, torch.from_numpy(indptr), torch.from_numpy(items), torch.from_numpy(ratings),
-        _raters(state), torch.from_numpy(base_u), base_i, cfg.uknn_size, cfg.uknn_shrink,
-        backend=backend,
+        torch.from_numpy(which), torch.from_numpy(indptr), torch.from_numpy(items),
+        torch.from_numpy(ratings), _raters(state), torch.from_numpy(base_u),
+        torch.from_numpy(base_i), cfg.uknn_size, cfg.uknn_shrink, backend=backend,
     )  # fmt: skip
-    _store(state, cfg.uknn_size, users, rows, sims)
+    _store(state, cfg.uknn_size, which, rows, sims)
 
 
 def recompute(state: ModelState, cfg: LearnerConfig, backend: str | None) -> None:
     """Every user's b_u and neighbour list (after the baseline's recompute)."""
-    state.uknn_user_base = None
+    state.uknn_bases = None
     if len(state.users):
         refresh(state, cfg, torch.arange(len(state.users)), backend)
 
@@ -155,11 +156,10 @@ class UserNeighbours:
         """The model's, or None when the correction is off or no list was computed."""
         if not enabled(cfg) or state.uknn_rows.n == 0:
             return None
-        base_i = item_base(state)
-        base_u = _user_base(state, cfg, base_i.numpy())
+        base_i, base_u = _bases(state, cfg)
         return cls(state.uknn_rows.t, state.uknn_sims.t, _raters(state),
-                   torch.from_numpy(base_u), base_i, cfg.uknn_weight, cfg.uknn_k,
-                   cfg.uknn_reg)  # fmt: skip
+                   torch.from_numpy(base_u), torch.from_numpy(base_i), cfg.uknn_weight,
+                   cfg.uknn_k, cfg.uknn_reg)  # fmt: skip
 
     @classmethod
     def from_tables(

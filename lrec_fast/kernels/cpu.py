@@ -1034,6 +1034,16 @@ def item_neighbours(
     return torch.from_numpy(rows), torch.from_numpy(sims)
 
 
+@njit(inline="always")
+def _run_end(keys: np.ndarray, order: np.ndarray, e0: int) -> int:
+    """The end of the run of equal ``keys[order[e]]`` that starts at e0 (events grouped by
+    key through a stable sort)."""
+    e1 = e0
+    while e1 < order.shape[0] and keys[order[e1]] == keys[order[e0]]:
+        e1 += 1
+    return e1
+
+
 @njit(cache=True)
 def _knn_rows(
     indptr: np.ndarray, hist_items: np.ndarray, hist_ratings: np.ndarray, hist_ages: np.ndarray,
@@ -1052,9 +1062,7 @@ def _knn_rows(
     e0 = 0
     while e0 < order.shape[0]:
         s = slots[order[e0]]
-        e1 = e0
-        while e1 < order.shape[0] and slots[order[e1]] == s:
-            e1 += 1
+        e1 = _run_end(slots, order, e0)
         a0, a1 = indptr[s], indptr[s + 1]
         if a1 > a0:
             total = weight = 0.0
@@ -1159,18 +1167,18 @@ def _user_knn_rows(
     out: np.ndarray,
 ) -> None:  # fmt: skip
     """Events grouped by user: the user's neighbours are marked in ``where`` (user row -> rank,
-    -1 elsewhere; left all -1 again), so each rater of an item is one lookup; the hits' ranks,
-    sorted, give the first k. Serial, as ``_knn_rows``."""
+    -1 elsewhere; left all -1 again), so each rater of an item is one lookup; the hits are
+    flagged by rank and the first k read off in rank order (no sort: a popular item's raters
+    hit most of the list). Serial, as ``_knn_rows``."""
     size = nbr_rows.shape[1]
     resid = np.empty(size)
     hits = np.empty(size, np.int64)
+    hit = np.zeros(size, np.bool_)
     order = np.argsort(users, kind="mergesort")
     e0 = 0
     while e0 < order.shape[0]:
         a = users[order[e0]]
-        e1 = e0
-        while e1 < order.shape[0] and users[order[e1]] == a:
-            e1 += 1
+        e1 = _run_end(users, order, e0)
         if 0 <= a < nbr_rows.shape[0]:
             for t in range(size):
                 v = nbr_rows[a, t]
@@ -1186,14 +1194,20 @@ def _user_knn_rows(
                     rank = where[v]
                     if rank >= 0:
                         hits[nh] = rank
+                        hit[rank] = True
                         resid[rank] = np.float64(r_ratings[t]) - item_base[j] - user_base[v]
                         nh += 1
-                ranks = np.sort(hits[:nh])
                 num = den = 0.0
-                for t in range(min(nh, k)):
-                    s = np.float64(nbr_sims[a, ranks[t]])
-                    num += s * resid[ranks[t]]
-                    den += s
+                used = t = 0
+                while used < min(nh, k):  # the first k hits, most similar first
+                    if hit[t]:
+                        s = np.float64(nbr_sims[a, t])
+                        num += s * resid[t]
+                        den += s
+                        used += 1
+                    t += 1
+                for t in range(nh):
+                    hit[hits[t]] = False
                 den += reg
                 out[e] = num / den if den > 0 else 0.0
             for t in range(size):
