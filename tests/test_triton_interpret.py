@@ -176,3 +176,13 @@ def test_gpu_check_script_runs(tmp_path):
                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "ALL CHECKS PASSED" in res.stdout
+
+
+def test_the_neighbourhood_kernels_run_on_the_host(tk):
+    """The corrections' tables are CPU tables: on the Triton backend they take numba's sparse
+    kernels (the torch references are dense: n_items^2 and n_users x n_items memory)."""
+    from lrec_fast.kernels import cpu
+
+    module, _ = tk
+    for name in ("item_neighbours", "knn_predict", "user_neighbours", "user_knn_predict"):
+        assert getattr(module, name) is getattr(cpu, name), name

@@ -66,6 +66,12 @@ def _load(name: str) -> Backend:
             from . import triton_score, triton_update
         except ImportError as exc:
             raise BackendUnavailable(f"backend 'triton' cannot be imported: {exc}") from exc
+        # the neighbourhood corrections run on CPU tables (neighbours.py, user_neighbours.py):
+        # numba's sparse kernels where numba imports (the references are dense, n^2 memory)
+        try:
+            host: ModuleType | SimpleNamespace = _load("numba").module
+        except BackendUnavailable:
+            host = reference
         return Backend("triton", SimpleNamespace(
             score_topk=triton_score.score_topk,
             mf_sgd_step=triton_update.mf_sgd_step,
@@ -74,11 +80,10 @@ def _load(name: str) -> Backend:
             advance_histories=reference.advance_histories,
             softmax_step=reference.softmax_step,
             rerank_mf=reference.rerank_mf,  # 30 candidates per query: no kernel launch pays
-            # the neighbourhood correction runs on the CPU tables (neighbours.py)
-            item_neighbours=reference.item_neighbours,
-            knn_predict=reference.knn_predict,
-            user_neighbours=reference.user_neighbours,
-            user_knn_predict=reference.user_knn_predict,
+            item_neighbours=host.item_neighbours,
+            knn_predict=host.knn_predict,
+            user_neighbours=host.user_neighbours,
+            user_knn_predict=host.user_knn_predict,
         ))  # fmt: skip
     raise BackendUnavailable(f"unknown backend {name!r}; choose from {', '.join(PRIORITY)}")
 
