@@ -269,3 +269,22 @@ BAD = [{"uknn_weight": 1.5}, {"uknn_weight": -0.1}, {"uknn_size": -1}, {"uknn_k"
 def test_config_is_checked(bad):
     with pytest.raises(ValueError, match="uknn"):
         Recommender(encoder="hashing-64", **bad)
+
+
+def test_new_items_and_users_join_the_index(fitted, stream):
+    st = fitted.state
+    fitted.add_items(["fresh"], ["Brand new | drama"])
+    u = stream.user_ids[0]
+    assert fitted.predict([u], ["fresh"])[0] == pytest.approx(
+        fitted.score_all([u])[0, fitted.item_ids.index("fresh")], rel=1e-6
+    )
+    un = user_neighbours.UserNeighbours.of(st, fitted.config)
+    a = st.users.index[u]
+    assert un.correction(torch.tensor([a]), torch.tensor([80]), "numba").item() == 0.0  # no raters
+    # a newcomer rates it with a known item; a known user rates it too: both land in the index
+    fitted.feedback(["newcomer", "newcomer", u], ["fresh", stream.item_ids[3], "fresh"],
+                    [5.0, 4.0, 2.0])  # fmt: skip
+    new = st.users.index["newcomer"]
+    raters = dict(zip(*(x.tolist() for x in st.seen.raters(81).rows(80)), strict=True))
+    assert raters == {new: 5.0, a: 2.0}
+    assert st.uknn_rows.n == 61 and (st.uknn_rows.t[new] >= 0).any()  # the newcomer's list
