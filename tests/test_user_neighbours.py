@@ -288,3 +288,19 @@ def test_new_items_and_users_join_the_index(fitted, stream):
     raters = dict(zip(*(x.tolist() for x in st.seen.raters(81).rows(80)), strict=True))
     assert raters == {new: 5.0, a: 2.0}
     assert st.uknn_rows.n == 61 and (st.uknn_rows.t[new] >= 0).any()  # the newcomer's list
+
+
+def test_raters_without_numba_match(rng, monkeypatch):
+    """Without numba the index's insert runs as plain Python: the same contents."""
+    from lrec_fast import raters as raters_module
+
+    events = [(rng.integers(0, 20, 30), rng.integers(0, 15, 30), rng.integers(1, 6, 30) * 1.0)
+              for _ in range(8)]  # fmt: skip
+    fast = Raters(15)
+    for u, i, r in events:
+        fast.add(u, i, r)
+    monkeypatch.setattr(raters_module, "_upsert", raters_module._upsert.py_func)
+    slow = Raters(15)
+    for u, i, r in events:
+        slow.add(u, i, r)
+    assert contents(slow) == contents(fast) and len(contents(fast)) > 50
