@@ -52,6 +52,16 @@ def assert_same_bits(a: dict[str, object], b: dict[str, object]) -> None:
         assert torch.equal(ta[k], tb[k]), k
 
 
+def reloaded(rec: Recommender, folder: Path, users: list, items: list) -> Recommender:
+    """``rec`` saved to ``folder`` and loaded back, checked to hold the same bits and to
+    predict the same ratings of ``users`` x ``items`` pairs."""
+    rec.save(folder)
+    again = Recommender.load(folder)
+    assert_same_bits(state_bits(rec), state_bits(again))
+    assert np.array_equal(again.predict(users, items), rec.predict(users, items))
+    return again
+
+
 def rewritten_checkpoint(
     rec: Recommender, folder: Path, drop: Callable[[str], bool] = lambda k: False,
     settings: Iterable[str] = (), edit: Callable[[dict[str, torch.Tensor]], None] | None = None,

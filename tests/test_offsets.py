@@ -11,7 +11,7 @@ import torch
 
 from lrec_fast import Recommender, offsets
 
-from .conftest import assert_same_bits, rewritten_checkpoint, state_bits
+from .conftest import assert_same_bits, reloaded, rewritten_checkpoint, state_bits
 
 
 def test_count_classes():
@@ -109,11 +109,8 @@ def test_new_items_start_without(fitted):
 def test_checkpoints_keep_them_and_old_ones_load_without(fitted, stream, tmp_path):
     ev = stream.events.take(slice(1500, 1700))
     fitted.feedback(ev.user, ev.item, ev.rating)
-    fitted.save(tmp_path / "ck")
-    again = Recommender.load(tmp_path / "ck")
-    assert_same_bits(state_bits(fitted), state_bits(again))
     users, items = list(stream.user_ids[:5]), list(stream.item_ids[10:15])
-    assert np.array_equal(again.predict(users, items), fitted.predict(users, items))
+    reloaded(fitted, tmp_path / "ck", users, items)
     old = Recommender.load(
         rewritten_checkpoint(
             fitted,
