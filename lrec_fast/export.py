@@ -316,15 +316,19 @@ class Deployment:
     def _history(self, user: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self._rated[user]
 
-    def _blended(self, users: Any, items: Any, ratings: Any) -> Any:
+    def _blended(self, users: Any, items: Any, ratings: Any, rerank: bool = False) -> Any:
         """Ratings (torch float32 [E]) of user rows ``users`` (-1: unknown) and item rows
         ``items`` with the item-neighbourhood correction blended in and the user-neighbourhood
-        correction added, as ``Recommender.predict`` (offsets aside) and its re-rank."""
+        correction added, as ``Recommender.predict`` (offsets aside) and, with ``rerank``, its
+        re-rank (the user correction only where the manifest's ``uknn.rerank`` says so)."""
         from .neighbours import blend
 
         lo, hi = self.manifest["rating_range"]
         p = blend(self._neighbours, self._history, users, items, ratings, (lo, hi), None)
-        return user_neighbours.correct(self._user_neighbours, users, items, p, None)
+        un = self._user_neighbours
+        if rerank and not self.manifest.get("uknn", {}).get("rerank", True):
+            un = None
+        return user_neighbours.correct(un, users, items, p, None)
 
     @property
     def n_items(self) -> int:
@@ -406,7 +410,9 @@ class Deployment:
         def rating(items: torch.Tensor) -> torch.Tensor:
             r = torch.from_numpy(self._rating_sum(q, b, items.numpy()))
             flat = torch.from_numpy(u)[:, None].expand_as(items).reshape(-1)
-            return self._blended(flat, items.reshape(-1), r.reshape(-1)).view(items.shape)
+            return self._blended(flat, items.reshape(-1), r.reshape(-1), rerank=True).view(
+                items.shape
+            )
 
         return rating
 

@@ -204,6 +204,9 @@ class LearnerConfig:
     uknn_shrink: float = 50.0  # similarity x co-rated / (co-rated + uknn_shrink)
     uknn_reg: float = 0.3  # added to the sum of similarities
     uknn_user_reg: float = 5.0  # ridge of the user's mean residual
+    # ... and in recommend's re-rank too (False: predict only; recommend at B = 64 1.6x faster
+    # on bench_service, retention HR@10 85.2% instead of 88.2% on MovieLens at M = 100)
+    uknn_rerank: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

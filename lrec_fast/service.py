@@ -616,7 +616,7 @@ class Recommender:
                                         self.backend)  # fmt: skip
             un = user_neighbours.UserNeighbours.of(st, cfg)
             cand = top[:, : cfg.rerank_depth]
-            if un is not None and cand.numel():
+            if un is not None and cfg.uknn_rerank and cand.numel():
                 flat = users[:, None].expand_as(cand).reshape(-1)
                 add = un.correction(flat, cand.clamp_min(0).reshape(-1), self.backend)
                 add = torch.where(cand >= 0, add.view(cand.shape), 0.0)

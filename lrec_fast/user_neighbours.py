@@ -208,8 +208,13 @@ def correct(
 
 def settings(cfg: LearnerConfig) -> dict[str, Any]:
     """What a deployment's manifest keeps of the settings (``UserNeighbours.from_tables``)."""
-    return {"weight": cfg.uknn_weight if enabled(cfg) else 0.0, "k": cfg.uknn_k,
-            "reg": cfg.uknn_reg, "user_reg": cfg.uknn_user_reg}  # fmt: skip
+    return {
+        "weight": cfg.uknn_weight if enabled(cfg) else 0.0,
+        "k": cfg.uknn_k,
+        "reg": cfg.uknn_reg,
+        "user_reg": cfg.uknn_user_reg,
+        "rerank": cfg.uknn_rerank,
+    }
 
 
 def check_config(cfg: LearnerConfig) -> None:

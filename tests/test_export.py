@@ -136,6 +136,39 @@ def test_recommend_and_predict_match_torch_runtime(trained, deployed, precision)
         without = trained.predict(users, items)
         trained.config.uknn_weight = w
         assert np.abs(without - trained.predict(users, items)).max() > 100 * tol
+
+
+def test_user_neighbours_out_of_the_rerank(trained, deployed, tmp_path):
+    """``uknn_rerank=False`` (the manifest's ``uknn.rerank``): the re-rank without the user
+    correction, predict still with it, in the deployment as in the Recommender."""
+    folder = tmp_path / "dep"
+    shutil.copytree(deployed["fp32"], folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["uknn"]["rerank"] is True
+    manifest["uknn"]["rerank"] = False
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    dep = load_deployment(folder)
+    users = list(trained.state.users.ids)[:200]
+    cfg = trained.config
+    both_ids, both = trained.recommend(users, 10)
+    items = both_ids[:, 0]
+    predicted = trained.predict(users, items)
+    cfg.uknn_rerank = False
+    try:
+        want_ids, want_scores = trained.recommend(users, 10)
+        got_ids, got_scores = dep.recommend(users, 10)
+        assert overlap(got_ids, want_ids) == 1.0
+        np.testing.assert_allclose(got_scores, want_scores, rtol=0, atol=1e-4)
+        assert not np.allclose(want_scores, both, atol=1e-3)  # the switch changes the re-rank
+        assert np.array_equal(trained.predict(users, items), predicted)  # ... not predict
+        np.testing.assert_allclose(dep.predict(users, items), predicted, atol=1e-4)
+        cfg.uknn_weight, w = 0.0, cfg.uknn_weight  # = the re-rank without the correction
+        try:
+            np.testing.assert_allclose(trained.recommend(users, 10)[1], want_scores, atol=1e-5)
+        finally:
+            cfg.uknn_weight = w
+    finally:
+        cfg.uknn_rerank = True
     with pytest.raises(ValueError, match="unknown items"):
         dep.predict([users[0]], ["no-such-item"])
     with pytest.raises(ValueError, match="k must be"):
