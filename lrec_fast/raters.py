@@ -57,6 +57,13 @@ def _upsert(
     return end
 
 
+def _slots(start: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """The buffer slots of every item's entries, item by item (item j's: start[j] + 0, 1, ...,
+    count[j] - 1)."""
+    first = np.repeat(start - np.cumsum(count) + count, count)  # start[j] - entries before j
+    return first + np.arange(first.size)
+
+
 def known_csr(indptr: np.ndarray, items: np.ndarray,
               ratings: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """Users' rated items as a CSR (indptr, item rows, ratings) without the unknown (NaN)
@@ -137,8 +144,7 @@ class Raters:
 
     def _live(self) -> tuple[np.ndarray, np.ndarray]:
         """Every item's raters and ratings, item by item."""
-        idx = np.repeat(self.start - np.cumsum(self.count) + self.count, self.count)
-        idx += np.arange(idx.size)
+        idx = _slots(self.start, self.count)
         return self.users[idx], self.ratings[idx]
 
     def _pack(self, counts: np.ndarray, users: np.ndarray, ratings: np.ndarray,
@@ -151,6 +157,6 @@ class Raters:
         end = int(cap.sum())
         self.users = np.zeros(2 * (end + extra), np.int64)  # doubling: amortised O(1)
         self.ratings = np.zeros(len(self.users), np.float32)
-        idx = np.repeat(start - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
+        idx = _slots(start, counts)
         self.users[idx], self.ratings[idx] = users, ratings
         self.start, self.count, self.cap, self.end = start, counts.astype(np.int64), cap, end

@@ -50,13 +50,17 @@ def enabled(cfg: LearnerConfig) -> bool:
     return cfg.uknn_weight > 0 and cfg.uknn_size > 0 and cfg.uknn_k > 0
 
 
-def item_base(state: ModelState) -> np.ndarray:
-    """mu + b_i of the baseline, float64 [n_items] (b_i 0 for items newer than it)."""
-    n = len(state.items)
-    b = np.zeros(n)
-    m = min(n, state.knn_bias.numel())
-    b[:m] = state.knn_bias[:m].numpy()
-    return b + float(state.knn_mu)
+def item_base(knn_bias: np.ndarray, knn_mu: float, n_items: int) -> np.ndarray:
+    """mu + b_i of the baseline (``knn_bias`` [m], ``knn_mu``), float64 [n_items] (b_i 0 for
+    items newer than it)."""
+    b = np.zeros(n_items)
+    m = min(n_items, len(knn_bias))
+    b[:m] = knn_bias[:m]
+    return b + knn_mu
+
+
+def _item_base(state: ModelState) -> np.ndarray:
+    return item_base(state.knn_bias.numpy(), float(state.knn_mu), len(state.items))
 
 
 def user_bases(indptr: np.ndarray, items: np.ndarray, ratings: np.ndarray,
@@ -81,9 +85,9 @@ def _bases(state: ModelState, cfg: LearnerConfig) -> tuple[np.ndarray, np.ndarra
     """(mu + b_i float64 [n_items], b_u float64 [n_users]): cached on the state until a
     checkpoint, rollback or recompute drops them; items and users added since get theirs."""
     cached = state.uknn_bases
-    base_i = cached[0] if cached is not None else item_base(state)
+    base_i = cached[0] if cached is not None else _item_base(state)
     if len(base_i) < len(state.items):
-        base_i = item_base(state)
+        base_i = _item_base(state)
     have = cached[1] if cached is not None else np.zeros(0)
     if len(have) < len(state.users):
         new = np.arange(len(have), len(state.users))
@@ -121,9 +125,11 @@ def refresh(state: ModelState, cfg: LearnerConfig, users: torch.Tensor,
     if not enabled(cfg) or users.numel() == 0:
         return
     which = np.unique(users.numpy())
+    stale = state.uknn_bases is not None  # cached before these users' new ratings
     base_i, base_u = _bases(state, cfg)
     indptr, items, ratings = _histories(state, which)
-    base_u[which] = user_bases(indptr, items, ratings, base_i, cfg.uknn_user_reg)
+    if stale:  # (a cache built just now has them already: the recompute's case)
+        base_u[which] = user_bases(indptr, items, ratings, base_i, cfg.uknn_user_reg)
     rows, sims = kernels.user_neighbours(
         torch.from_numpy(which), torch.from_numpy(indptr), torch.from_numpy(items),
         torch.from_numpy(ratings), _raters(state), torch.from_numpy(base_u),
@@ -176,10 +182,7 @@ class UserNeighbours:
             return None
         ptr, it, rt = known_csr(indptr, items, ratings)
         rt = rt.astype(np.float32, copy=False)
-        base_i = np.zeros(n_items)
-        m = min(n_items, len(knn_bias))
-        base_i[:m] = knn_bias[:m]
-        base_i += knn_mu
+        base_i = item_base(knn_bias, knn_mu, n_items)
         base_u = user_bases(ptr, it, rt, base_i, float(settings["user_reg"]))
         return cls(torch.from_numpy(rows), torch.from_numpy(sims),
                    _arrays(Raters.from_csr(ptr, it, rt, n_items)), torch.from_numpy(base_u),
