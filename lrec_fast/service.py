@@ -379,6 +379,7 @@ class Recommender:
                         fn()
                     st.truncate(mark)
                 raise
+            st.fold_scales(cfg.fold_threshold)  # (not before: an undo cannot take a fold back)
             if offsets.enabled(cfg):
                 offsets.learn(st, cfg, counts, ii, r, served, self.rating_range)
             online.count_events(st, ii, cfg)

@@ -11,6 +11,8 @@ import torch
 
 from lrec_fast import Recommender
 from lrec_fast.data import make_stream
+from lrec_fast.model import ModelState
+from lrec_fast.online import LearnerConfig
 
 
 @pytest.fixture
@@ -82,3 +84,17 @@ def rewritten_checkpoint(
         del state["config"]["learner"][key]
     meta.write_text(json.dumps(state))
     return folder
+
+
+def make_state(n_items: int, n_users: int, dim: int, cfg: LearnerConfig, seed: int) -> ModelState:
+    """A bare state: random item, target and context rows, zero user rows and item biases."""
+    g = torch.Generator().manual_seed(seed)
+    st = ModelState(dim=dim, text_dim=4, history_len=cfg.history_len)
+    rows = {k: torch.randn(n_items, dim, generator=g) for k in ("item_rows", "tgt_rows",
+                                                                 "ctx_rows")}  # fmt: skip
+    rows |= {"item_bias": torch.zeros(n_items), "tgt_bias": torch.randn(n_items, generator=g)}
+    st.add_items(list(range(n_items)), rows, torch.zeros(n_items, 4))
+    st.ctx_acc.t.uniform_(0, 1, generator=g)  # Adagrad sums already under way
+    st.tgt_acc.t.uniform_(0, 1, generator=g)
+    st.add_users(list(range(n_users)), torch.zeros(n_users, dim), torch.zeros(n_users))
+    return st

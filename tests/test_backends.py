@@ -252,10 +252,17 @@ def test_update_matches_reference_step_by_step(backend, rng):
 
 @pytest.mark.parametrize("name", kernels.available_backends())
 @pytest.mark.parametrize(
-    "gains",
-    [(1.0, 1.0, 1.0), (1.0, 1.0, 1.0, -1.0), (1.0, float("nan"), 1.0, 1.0), (float("inf"),) * 4],
+    ("gains", "lr", "msg"),
+    [
+        ((1.0, 1.0, 1.0), 0.1, "gains"),
+        ((1.0, 1.0, 1.0, -1.0), 0.1, "gains"),
+        ((1.0, float("nan"), 1.0, 1.0), 0.1, "gains"),
+        ((float("inf"),) * 4, 0.1, "gains"),
+        ((1.0,) * 4, 100.0, "weight_decay < 1"),
+        ((1.0,) * 4, 300.0, "weight_decay < 1"),
+    ],
 )
-def test_update_rejects_bad_gains_and_changes_nothing(name, gains):
+def test_update_rejects_bad_gains_and_rates_and_changes_nothing(name, gains, lr, msg):
     tabs = [
         torch.ones(3, 4),
         torch.ones(3, 4),
@@ -267,8 +274,8 @@ def test_update_rejects_bad_gains_and_changes_nothing(name, gains):
     before = [t.clone() for t in tabs]
     one = torch.tensor([0, 1])
     for n in (one, one[:0]):  # the empty batch too
-        with pytest.raises(ValueError, match="gains"):
-            kernels.mf_sgd_step(*tabs, n, n, torch.ones(len(n)), 0.1, 0.01, gains=gains,
+        with pytest.raises(ValueError, match=msg):
+            kernels.mf_sgd_step(*tabs, n, n, torch.ones(len(n)), lr, 0.01, gains=gains,
                                 backend=name)  # fmt: skip
     for a, b in zip(tabs, before, strict=True):
         assert torch.equal(a, b)

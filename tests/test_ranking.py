@@ -15,20 +15,7 @@ from lrec_fast import online, ranking
 from lrec_fast.model import ModelState
 from lrec_fast.online import DivergenceError, LearnerConfig
 
-from .conftest import assert_same_bits, state_bits
-
-
-def make_state(n_items: int, n_users: int, dim: int, cfg: LearnerConfig, seed: int) -> ModelState:
-    g = torch.Generator().manual_seed(seed)
-    st = ModelState(dim=dim, text_dim=4, history_len=cfg.history_len)
-    rows = {k: torch.randn(n_items, dim, generator=g) for k in ("item_rows", "tgt_rows",
-                                                                 "ctx_rows")}  # fmt: skip
-    rows |= {"item_bias": torch.zeros(n_items), "tgt_bias": torch.randn(n_items, generator=g)}
-    st.add_items(list(range(n_items)), rows, torch.zeros(n_items, 4))
-    st.ctx_acc.t.uniform_(0, 1, generator=g)  # Adagrad sums already under way
-    st.tgt_acc.t.uniform_(0, 1, generator=g)
-    st.add_users(list(range(n_users)), torch.zeros(n_users, dim), torch.zeros(n_users))
-    return st
+from .conftest import assert_same_bits, make_state, state_bits
 
 
 def dense_step(st: ModelState, hist: torch.Tensor, targets: torch.Tensor, lr: float,

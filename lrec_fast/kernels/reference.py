@@ -175,11 +175,14 @@ def step_factors(
 ) -> list[float]:
     """Per table w, what its stored (raw) rows take per unit of gradient in one step:
     lr * gains[w] / s_w', with s_w' = s_w * (1 - lr * weight_decay) the scale after the step.
-    Raises ValueError (before anything changes) unless ``gains`` are 4 finite values >= 0."""
+    Raises ValueError (before anything changes) unless ``gains`` are 4 finite values >= 0 and
+    lr * weight_decay < 1."""
     g = [float(x) for x in gains]
     if len(g) != 4 or not all(math.isfinite(x) and x >= 0 for x in g):
         raise ValueError(f"gains must be 4 finite values >= 0 (U, V, b_u, b_v), not {gains!r}")
     keep = 1.0 - lr * weight_decay
+    if not keep > 0:
+        raise ValueError(f"need lr * weight_decay < 1, not {lr!r} * {weight_decay!r}")
     return [lr * x / (s * keep) for x, s in zip(g, scales.tolist(), strict=True)]
 
 
