@@ -213,7 +213,8 @@ def test_user_neighbours(benchmark, slow_rec, backend):
     benchmark.group = SLOW
     benchmark.pedantic(kernels.user_neighbours, (users, *(torch.from_numpy(x) for x in hist),
                                                  un.raters, un.user_base, un.item_base,
-                                                 cfg.uknn_size, cfg.uknn_shrink),
+                                                 cfg.uknn_size, cfg.uknn_shrink,
+                                                 cfg.uknn_max_raters),
                        {"backend": backend}, rounds=3, iterations=1)  # fmt: skip
 
 

@@ -317,6 +317,7 @@ class ModelState:
     # derived: rebuilt after a load, rollback or recompute).
     uknn_rows: Rows = field(init=False)
     uknn_sims: Rows = field(init=False)
+    uknn_counts: Rows = field(init=False)  # each user's rating count when their list was made
     uknn_bases: Any = field(default=None, repr=False, compare=False)
     # Random source of the learner (row initialisation, sampled negatives, shuffles), saved
     # with the checkpoint so a reloaded model continues exactly as the original would.
@@ -336,6 +337,7 @@ class ModelState:
         self.item_recent = Rows(None, torch.float64)
         self.offset_item = Rows(2, torch.float64)
         self.uknn_rows, self.uknn_sims = Rows(0, torch.int64), Rows(0, torch.float32)
+        self.uknn_counts = Rows(None, torch.int64)
         self.replay_users = Rows(None, torch.int64)
         self.replay_items = Rows(None, torch.int64)
         self.replay_ratings = Rows(None, torch.float32)
@@ -498,7 +500,7 @@ class ModelState:
             "knn_rows": self.knn_rows, "knn_sims": self.knn_sims, "knn_bias": self.knn_bias,
             "knn_mu": self.knn_mu, "offset_class": self.offset_class,
             "offset_item": self.offset_item.t, "uknn_rows": self.uknn_rows.t,
-            "uknn_sims": self.uknn_sims.t,
+            "uknn_sims": self.uknn_sims.t, "uknn_counts": self.uknn_counts.t,
         } | proposal  # fmt: skip
 
     ROW_TABLES = ("user_rows", "item_rows", "user_bias", "item_bias", "item_text", "item_count",
@@ -574,6 +576,9 @@ class ModelState:
         self.uknn_sims = Rows(rows.shape[1], torch.float32)
         self.uknn_rows.set(rows.clone())
         self.uknn_sims.set(t.get("uknn_sims", torch.zeros(0, 0)).clone())
+        # (checkpoints before the lazy refresh: 0, so each user's next call refreshes theirs)
+        self.uknn_counts = Rows(None, torch.int64)
+        self.uknn_counts.set(t.get("uknn_counts", torch.zeros(rows.shape[0], dtype=torch.int64)))
         self.uknn_bases = None
 
     def snapshot(self) -> dict[str, Any]:
@@ -600,7 +605,7 @@ class ModelState:
         self.seen.truncate(nu)
         self.users._array = self.items._array = None
         self.user_rows.n = self.user_bias.n = self.user_recent.n = nu
-        self.uknn_rows.n = self.uknn_sims.n = min(self.uknn_rows.n, nu)
+        self.uknn_rows.n = self.uknn_sims.n = self.uknn_counts.n = min(self.uknn_rows.n, nu)
         if self.uknn_bases is not None:
             self.uknn_bases = (self.uknn_bases[0][:ni], self.uknn_bases[1][:nu])
         for name in ("item_rows", "item_bias", "item_text", "item_count", "item_recent",
@@ -704,9 +709,10 @@ def load_state(directory: str | Path) -> tuple[ModelState, dict[str, Any]]:
         and bool((oc[:, 1] >= 0).all() and (oi[:, 1] >= 0).all())
     ):  # fmt: skip
         raise ValueError(f"{folder}: the residual offsets do not fit the catalogue")
-    ur, us = state.uknn_rows.t, state.uknn_sims.t
+    ur, us, uc = state.uknn_rows.t, state.uknn_sims.t, state.uknn_counts.t
     if not (
         ur.dim() == 2 and us.shape == ur.shape and ur.shape[0] <= len(state.users)
+        and uc.shape == (ur.shape[0],) and (uc.numel() == 0 or int(uc.min()) >= 0)
         and (ur.numel() == 0 or (int(ur.min()) >= -1 and int(ur.max()) < len(state.users)))
         and bool(torch.isfinite(us).all())
     ):  # fmt: skip

@@ -12,9 +12,14 @@ residual, b_u = sum_i (r_ui - mu - b_i) / (n_u + ``uknn_user_reg``):
     e_ui = r_ui - mu - b_i - b_u.
 Each user keeps their ``uknn_size`` most similar users (``kernels.user_neighbours``: shrunk
 correlation of the residuals over co-rated items, x co / (co + ``uknn_shrink``), positive
-only). The lists are recomputed for every user at the fit and each refit, and for the users of
-each ``feedback`` call right after it (with their biases): a user's list is as fresh as their
-own latest rating. The correction of user a's rating of item j (``kernels.user_knn_predict``):
+only; items with more than ``uknn_max_raters`` raters are left out: they say little about
+taste, and a user's list costs the sum of their items' rater counts). The lists are
+recomputed for every user at the fit and each refit, and after each ``feedback`` call for
+its users whose rating count grew by at least max(1, ``uknn_refresh_growth`` x their count
+when their list was made) (every call's users at growth 0; each call's users' biases are
+updated at once): a light user's list is as fresh as their latest rating, and a heavy
+user's, which one more rating barely moves and which costs the most to remake, is remade at
+every 1/8 more. The correction of user a's rating of item j (``kernels.user_knn_predict``):
 over the first ``uknn_k`` of a's neighbours who rated j,
     ``uknn_weight`` x sum s_av e_vj / (sum s_av + ``uknn_reg``),
 added to the predicted rating (``predict``, ``score_all``, ``recommend``'s re-rank and
@@ -107,21 +112,36 @@ def _raters(state: ModelState) -> RaterArrays:
 
 
 def _store(state: ModelState, size: int, users: np.ndarray, rows: torch.Tensor,
-           sims: torch.Tensor) -> None:  # fmt: skip
+           sims: torch.Tensor, counts: np.ndarray) -> None:  # fmt: skip
     if state.uknn_rows.t.shape[1] != size:  # (first lists, or a new size): start empty
         state.uknn_rows, state.uknn_sims = Rows(size, torch.int64), Rows(size, torch.float32)
+        state.uknn_counts = Rows(None, torch.int64)
     need = int(users.max()) + 1 - state.uknn_rows.n
     if need > 0:
         state.uknn_rows.append(torch.full((need, size), -1, dtype=torch.int64))
         state.uknn_sims.append(torch.zeros(need, size))
+        state.uknn_counts.append(torch.zeros(need, dtype=torch.int64))
     state.uknn_rows.t.numpy()[users] = rows.numpy()  # (numpy: a third of torch's indexing cost)
     state.uknn_sims.t.numpy()[users] = sims.numpy()
+    state.uknn_counts.t.numpy()[users] = counts
+
+
+def _due(state: ModelState, cfg: LearnerConfig, users: np.ndarray,
+         counts: np.ndarray) -> np.ndarray:  # fmt: skip
+    """Which of ``users`` (rating counts now: ``counts``) need a new list: those whose count
+    grew by at least max(1, ``uknn_refresh_growth`` x their count when it was last made)."""
+    made = state.uknn_counts.t.numpy()
+    last = np.zeros(len(users), np.int64)  # (0 for users past the table: no list yet)
+    inside = users < len(made)
+    last[inside] = made[users[inside]]
+    return counts - last >= np.maximum(1.0, cfg.uknn_refresh_growth * last)
 
 
 def refresh(state: ModelState, cfg: LearnerConfig, users: torch.Tensor,
-            backend: str | None) -> None:  # fmt: skip
-    """After user rows ``users``' new ratings are recorded (``seen``): their b_u and their
-    neighbour lists, now. Nothing when the correction is off."""
+            backend: str | None, every: bool = False) -> None:  # fmt: skip
+    """After user rows ``users``' new ratings are recorded (``seen``): their b_u now, and the
+    neighbour lists of those due (``_due``; all of them with ``every`` or a growth of 0).
+    Nothing when the correction is off."""
     if not enabled(cfg) or users.numel() == 0:
         return
     which = np.unique(users.numpy())
@@ -130,19 +150,28 @@ def refresh(state: ModelState, cfg: LearnerConfig, users: torch.Tensor,
     indptr, items, ratings = _histories(state, which)
     if stale:  # (a cache built just now has them already: the recompute's case)
         base_u[which] = user_bases(indptr, items, ratings, base_i, cfg.uknn_user_reg)
+    counts = np.diff(indptr)
+    if not every and cfg.uknn_refresh_growth > 0:
+        due = _due(state, cfg, which, counts)
+        if not due.all():
+            which, counts = which[due], counts[due]
+            indptr, items, ratings = _histories(state, which)  # (arrays cached by ``seen``)
+    if which.size == 0:
+        return
     rows, sims = kernels.user_neighbours(
         torch.from_numpy(which), torch.from_numpy(indptr), torch.from_numpy(items),
         torch.from_numpy(ratings), _raters(state), torch.from_numpy(base_u),
-        torch.from_numpy(base_i), cfg.uknn_size, cfg.uknn_shrink, backend=backend,
+        torch.from_numpy(base_i), cfg.uknn_size, cfg.uknn_shrink, cfg.uknn_max_raters,
+        backend=backend,
     )  # fmt: skip
-    _store(state, cfg.uknn_size, which, rows, sims)
+    _store(state, cfg.uknn_size, which, rows, sims, counts)
 
 
 def recompute(state: ModelState, cfg: LearnerConfig, backend: str | None) -> None:
     """Every user's b_u and neighbour list (after the baseline's recompute)."""
     state.uknn_bases = None
     if len(state.users):
-        refresh(state, cfg, torch.arange(len(state.users)), backend)
+        refresh(state, cfg, torch.arange(len(state.users)), backend, every=True)
 
 
 @dataclass(frozen=True)
@@ -222,9 +251,10 @@ def settings(cfg: LearnerConfig) -> dict[str, Any]:
 
 def check_config(cfg: LearnerConfig) -> None:
     """ValueError unless the correction's settings are usable."""
-    reals = (cfg.uknn_weight, cfg.uknn_shrink, cfg.uknn_reg, cfg.uknn_user_reg)
+    reals = (cfg.uknn_weight, cfg.uknn_shrink, cfg.uknn_reg, cfg.uknn_user_reg,
+             cfg.uknn_refresh_growth)  # fmt: skip
     if not all(math.isfinite(x) and x >= 0 for x in reals) or cfg.uknn_weight > 1:
-        raise ValueError("uknn_weight must be in [0, 1]; uknn_shrink, uknn_reg and "
-                         "uknn_user_reg finite and >= 0")  # fmt: skip
-    if cfg.uknn_size < 0 or cfg.uknn_k < 0:
-        raise ValueError("uknn_size and uknn_k must be >= 0")
+        raise ValueError("uknn_weight must be in [0, 1]; uknn_shrink, uknn_reg, uknn_user_reg "
+                         "and uknn_refresh_growth finite and >= 0")  # fmt: skip
+    if cfg.uknn_size < 0 or cfg.uknn_k < 0 or cfg.uknn_max_raters < 0:
+        raise ValueError("uknn_size, uknn_k and uknn_max_raters must be >= 0")

@@ -83,10 +83,12 @@ def histories(seen, which):
 @pytest.mark.parametrize("n_users,n_items,n,size", [(40, 37, 500, 10), (70, 5, 90, 100),
                                                     (25, 60, 300, 1), (3, 4, 0, 5)])  # fmt: skip
 @pytest.mark.parametrize("shrink", [0.0, 25.0])
-def test_user_neighbours_numba_matches_reference(rng, n_users, n_items, n, size, shrink):
+@pytest.mark.parametrize("max_raters", [0, 12])  # 12: some items left out, at most sizes
+def test_user_neighbours_numba_matches_reference(rng, n_users, n_items, n, size, shrink,
+                                                 max_raters):  # fmt: skip
     seen, raters, base_u, base_i = random_model(rng, n_users, n_items, n)
     which = torch.from_numpy(rng.permutation(n_users)[: max(1, n_users // 2)])
-    args = (which, *histories(seen, which), raters, base_u, base_i, size, shrink)
+    args = (which, *histories(seen, which), raters, base_u, base_i, size, shrink, max_raters)
     want = kernels.user_neighbours(*args, backend="torch")
     got = kernels.user_neighbours(*args, backend="numba")
     assert got[0].shape == (which.numel(), size)
@@ -111,6 +113,12 @@ def test_user_neighbours_by_hand():
         # one co-rated item, 3 / sqrt(1 * 9) * 1 / 3 = 1/3
         assert rows.tolist() == [[1, 3, -1]]
         assert sims[0, :2].tolist() == pytest.approx([0.5, 1 / 3])
+        # item 0 has 4 raters: over a limit of 3 it is in no co-rated set, leaving item 1
+        # (users 1 and 2: -1 * -2 / sqrt(1 * 4) * 1 / 3 = 1/3 and -1 * 1 / ... < 0, dropped)
+        rows, sims = kernels.user_neighbours(which, *histories(seen, which), raters, zero_u,
+                                             zero_i, 3, 2.0, 3, backend=backend)  # fmt: skip
+        assert rows.tolist() == [[1, -1, -1]]
+        assert sims[0, 0].item() == pytest.approx(1 / 3)
 
 
 @pytest.mark.parametrize("k,reg", [(1, 0.3), (3, 0.0), (20, 0.3)])
@@ -181,17 +189,30 @@ def test_predict_adds_it_and_feedback_refreshes_the_lists(fitted, stream):
     full = fitted.score_all(users[:5])
     cols = [fitted.item_ids.index(j) for j in items[:5]]
     assert np.allclose(full[range(5), cols], got[:5], rtol=1e-5, atol=1e-6)
-    # a feedback call: its users' lists now are what a recompute from every rating gives
-    touched = sorted({st.users.index.get(u, -1) for u in ev.user} - {-1})
-    before = st.uknn_rows.t.clone()
+    # a feedback call: the lists of its users whose rating count grew by max(1, 1/8 of the
+    # count their list was made at) now are what a recompute from every rating gives; its
+    # other users' and everyone else's wait. At growth 0, every user of a call is due.
     fitted.config.refit_every = fitted.config.consolidate_every = 0  # nothing else recomputes
-    fitted.feedback(ev.user, ev.item, ev.rating)
-    after = st.uknn_rows.t.clone()
-    assert not torch.equal(before[touched], after[touched])
-    others = [a for a in range(60) if a not in touched]
-    assert torch.equal(before[others], after[others])  # the others wait for the refit
-    user_neighbours.recompute(st, cfg, "torch")
-    assert torch.equal(st.uknn_rows.t[touched], after[touched])
+    for growth, sl in ((0.125, slice(0, 100)), (0.0, slice(100, 140))):
+        cfg.uknn_refresh_growth = growth
+        part = ev.take(sl) if sl.start == 0 else stream.events.take(slice(1600, 1640))
+        touched = sorted({st.users.index.get(u, -1) for u in part.user} - {-1})
+        made = st.uknn_counts.t.clone()
+        assert torch.equal(made, torch.tensor([len(st.seen[a]) for a in range(60)]))
+        before = st.uknn_rows.t.clone()
+        fitted.feedback(part.user, part.item, part.rating)
+        now = torch.tensor([len(st.seen[a]) for a in range(60)])
+        grew = now - made
+        due = [a for a in touched if growth == 0 or grew[a] >= max(1.0, growth * float(made[a]))]
+        assert 0 < len(due) and (growth == 0) == (len(due) == len(touched))
+        after = st.uknn_rows.t.clone()
+        assert torch.equal(st.uknn_counts.t[due], now[due])
+        rest = [a for a in range(60) if a not in due]
+        assert torch.equal(before[rest], after[rest]) and torch.equal(st.uknn_counts.t[rest],
+                                                                        made[rest])  # fmt: skip
+        user_neighbours.recompute(st, cfg, "torch")
+        assert torch.equal(st.uknn_rows.t[due], after[due])
+        assert not torch.equal(before[due], after[due])
 
 
 def test_a_rating_moves_the_neighbours_prediction_at_once(fitted, stream):
@@ -216,6 +237,13 @@ def test_checkpoints_keep_it_and_old_ones_load_without_it(fitted, stream, tmp_pa
     fitted.feedback(ev.user, ev.item, ev.rating)
     again.feedback(ev.user, ev.item, ev.rating)
     assert np.array_equal(again.predict(users, items), fitted.predict(users, items))
+    # before the lazy refresh: lists, no counts; each user's next call remakes theirs
+    mid = Recommender.load(rewritten_checkpoint(fitted, tmp_path / "mid",
+                                                lambda k: k == "uknn_counts"))  # fmt: skip
+    assert mid.state.uknn_counts.n == 60 and int(mid.state.uknn_counts.t.max()) == 0
+    mid.feedback([users[0]], [items[0]], [4.0])
+    a = mid.state.users.index[users[0]]
+    assert int(mid.state.uknn_counts.t[a]) == len(mid.state.seen[a])
     old = Recommender.load(rewritten_checkpoint(fitted, tmp_path / "old",
                                                 lambda k: k.startswith("uknn_"),
                                                 ["uknn_weight"]))  # fmt: skip
@@ -224,15 +252,19 @@ def test_checkpoints_keep_it_and_old_ones_load_without_it(fitted, stream, tmp_pa
     assert np.array_equal(old.predict(users, items), fitted.predict(users, items))
 
 
-@pytest.mark.parametrize("flaw", ["row", "shape", "nan"])
+@pytest.mark.parametrize("flaw", ["row", "shape", "nan", "count", "counts"])
 def test_malformed_lists_are_refused(fitted, tmp_path, flaw):
     def damage(t):
         if flaw == "row":
             t["uknn_rows"][2, 0] = 60  # no such user
         elif flaw == "shape":
             t["uknn_sims"] = t["uknn_sims"][:-1]
-        else:
+        elif flaw == "nan":
             t["uknn_sims"][1, 1] = float("nan")
+        elif flaw == "count":
+            t["uknn_counts"][3] = -1
+        else:
+            t["uknn_counts"] = t["uknn_counts"][:-1]
 
     with pytest.raises(ValueError, match="user neighbours"):
         Recommender.load(rewritten_checkpoint(fitted, tmp_path / "ck", edit=damage))
@@ -259,7 +291,8 @@ def test_switched_off_nothing_is_computed(stream):
 
 
 BAD = [{"uknn_weight": 1.5}, {"uknn_weight": -0.1}, {"uknn_size": -1}, {"uknn_k": -2},
-       {"uknn_shrink": math.nan}, {"uknn_reg": -1.0}, {"uknn_user_reg": math.inf}]  # fmt: skip
+       {"uknn_shrink": math.nan}, {"uknn_reg": -1.0}, {"uknn_user_reg": math.inf},
+       {"uknn_max_raters": -1}]  # fmt: skip
 
 
 @pytest.mark.parametrize("bad", BAD)

@@ -1141,16 +1141,19 @@ def _rater_arrays(raters: tuple[torch.Tensor, ...]) -> tuple[np.ndarray, ...]:
 def user_neighbours(
     which: torch.Tensor, hist_indptr: torch.Tensor, hist_items: torch.Tensor,
     hist_ratings: torch.Tensor, raters: tuple[torch.Tensor, ...], user_base: torch.Tensor,
-    item_base: torch.Tensor, size: int, shrink: float,
+    item_base: torch.Tensor, size: int, shrink: float, max_raters: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``reference.user_neighbours`` without the dense matrices: O(sum over the users' items
-    of the item's raters) time. One n_users buffer set per thread, so at most as many parts as
-    threads (a feedback call refreshes a few dozen users)."""
+    of the item's raters) time, an item over ``max_raters`` raters walked as if it had none.
+    One n_users buffer set per thread, so at most as many parts as threads (a feedback call
+    refreshes a few dozen users)."""
     m = which.numel()
     rows = np.full((m, size), -1, np.int64)
     sims = np.zeros((m, size), np.float32)
     if m and size:
         start, count, users, ratings = _rater_arrays(raters)
+        if max_raters > 0:
+            count = np.where(count > max_raters, 0, count)
         ptr = _i64(hist_indptr)
         _neighbour_rows(_i64(which), ptr[:-1], ptr[1:], _i64(hist_items), _f32(hist_ratings),
                         start, start + count, users, ratings, _f64(user_base),

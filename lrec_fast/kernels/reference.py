@@ -591,7 +591,7 @@ def _rater_events(raters: RaterArrays) -> tuple[torch.Tensor, torch.Tensor, torc
 def user_neighbours(
     which: torch.Tensor, hist_indptr: torch.Tensor, hist_items: torch.Tensor,
     hist_ratings: torch.Tensor, raters: RaterArrays, user_base: torch.Tensor,
-    item_base: torch.Tensor, size: int, shrink: float,
+    item_base: torch.Tensor, size: int, shrink: float, max_raters: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The ``size`` most similar users of each user row ``which[m]`` (int64 [M]), whose rated
     item rows and ratings are ``hist_items[hist_indptr[m]:hist_indptr[m+1]]`` (the same entries
@@ -599,14 +599,19 @@ def user_neighbours(
     [n_items], [n_users]); for users a != v with co-rated items C:
         sim(a, v) = sum_C e_a e_v / sqrt(sum_C e_a^2 * sum_C e_v^2) * |C| / (|C| + shrink),
     the positive ones kept as ``item_neighbours`` keeps them: (rows int64 [M, size], -1 pad;
-    sims float32, 0 pad). Dense here (M x n_items and n_users x n_items)."""
+    sims float32, 0 pad). Items with more than ``max_raters`` raters (0: no limit) are in no C.
+    Dense here (M x n_items and n_users x n_items)."""
     n_users, n_items = user_base.numel(), item_base.numel()
     m = which.numel()
     mine = torch.repeat_interleave(torch.arange(m), torch.diff(hist_indptr))
+    counted = torch.ones(n_items, dtype=torch.float64)  # 0: an item left out of C
+    if max_raters > 0:
+        counted[: raters[1].numel()] = (raters[1] <= max_raters).double()
     xa = torch.zeros(m, n_items, dtype=torch.float64)
     xa[mine, hist_items] = hist_ratings.double() - item_base[hist_items] - user_base[which[mine]]
     ba = torch.zeros(m, n_items, dtype=torch.float64)
     ba[mine, hist_items] = 1.0
+    xa, ba = xa * counted, ba * counted
     users, items, ratings = _rater_events(raters)
     x = torch.zeros(n_users, n_items, dtype=torch.float64)
     x[users, items] = ratings - item_base[items] - user_base[users]
