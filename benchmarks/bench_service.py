@@ -95,17 +95,18 @@ def test_bare_torch_scoring(benchmark, rec, b):
     benchmark(lambda: torch.topk(torch.addmm(bias, u, v.T), 10, dim=1))
 
 
-@pytest.mark.parametrize("off", ["default", "no-offsets", "no-uknn"])
+@pytest.mark.parametrize("off", ["default", "every-list", "no-offsets", "no-uknn"])
 @pytest.mark.parametrize("m", [1, 100])
 def test_feedback(benchmark, rec, m, off):
-    """feedback() as configured, without the residual offsets (which first compute what
-    predict would have answered) and without the user neighbourhood (whose lists the call's
-    users get afresh)."""
+    """feedback() as configured, with every user's list remade (uknn_refresh_growth 0: the
+    rounds repeat the same events, so by default no list is due after the first), without
+    the residual offsets (which first compute what predict would have answered) and without
+    the user neighbourhood."""
     users = (rec.state.users.ids * 2)[:m]
     items = list(range(m))
     benchmark.group = f"service feedback {m} events"
-    saved = switched_off(rec, {"default": [], "no-offsets": OFFSETS,
-                               "no-uknn": ["uknn_weight"]}[off])  # fmt: skip
+    saved = switched_off(rec, {"default": [], "every-list": ["uknn_refresh_growth"],
+                               "no-offsets": OFFSETS, "no-uknn": ["uknn_weight"]}[off])  # fmt: skip
     try:
         benchmark(rec.feedback, users, items, [4.0] * m)
     finally:

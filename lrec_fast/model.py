@@ -318,6 +318,8 @@ class ModelState:
     uknn_rows: Rows = field(init=False)
     uknn_sims: Rows = field(init=False)
     uknn_counts: Rows = field(init=False)  # each user's rating count when their list was made
+    # The next user row whose list a sweep remakes (user_neighbours.sweep), -1: none running.
+    uknn_sweep: torch.Tensor = field(default_factory=lambda: torch.full((1,), -1))
     uknn_bases: Any = field(default=None, repr=False, compare=False)
     # Random source of the learner (row initialisation, sampled negatives, shuffles), saved
     # with the checkpoint so a reloaded model continues exactly as the original would.
@@ -501,6 +503,7 @@ class ModelState:
             "knn_mu": self.knn_mu, "offset_class": self.offset_class,
             "offset_item": self.offset_item.t, "uknn_rows": self.uknn_rows.t,
             "uknn_sims": self.uknn_sims.t, "uknn_counts": self.uknn_counts.t,
+            "uknn_sweep": self.uknn_sweep,
         } | proposal  # fmt: skip
 
     ROW_TABLES = ("user_rows", "item_rows", "user_bias", "item_bias", "item_text", "item_count",
@@ -579,6 +582,7 @@ class ModelState:
         # (checkpoints before the lazy refresh: 0, so each user's next call refreshes theirs)
         self.uknn_counts = Rows(None, torch.int64)
         self.uknn_counts.set(t.get("uknn_counts", torch.zeros(rows.shape[0], dtype=torch.int64)))
+        self.uknn_sweep = t.get("uknn_sweep", torch.full((1,), -1)).clone()
         self.uknn_bases = None
 
     def snapshot(self) -> dict[str, Any]:
@@ -713,6 +717,7 @@ def load_state(directory: str | Path) -> tuple[ModelState, dict[str, Any]]:
     if not (
         ur.dim() == 2 and us.shape == ur.shape and ur.shape[0] <= len(state.users)
         and uc.shape == (ur.shape[0],) and (uc.numel() == 0 or int(uc.min()) >= 0)
+        and state.uknn_sweep.shape == (1,) and -1 <= int(state.uknn_sweep) <= len(state.users)
         and (ur.numel() == 0 or (int(ur.min()) >= -1 and int(ur.max()) < len(state.users)))
         and bool(torch.isfinite(us).all())
     ):  # fmt: skip

@@ -390,21 +390,28 @@ class Recommender:
             st.since_refit += n
             self.state.seen.add(ui.tolist(), ii.tolist(), r.tolist())
             user_neighbours.refresh(st, cfg, ui, self.backend)  # these users' lists, now
+            user_neighbours.sweep(st, cfg, n, self.backend)  # a refit's end's, over calls
             if 0 < cfg.consolidate_every <= int(st.since_consolidation):
                 self.consolidate()
             if cfg.refit_every > 0 and consolidation.refit_running(st):
-                self._advance_refit(consolidation.refit_budget(st, n, cfg))
+                self._advance_refit(consolidation.refit_budget(st, n, cfg), spread=True)
             if 0 < cfg.refit_every <= int(st.since_refit):
-                self._advance_refit(math.inf)  # normally ended already (its budget)
+                self._advance_refit(math.inf, spread=True)  # normally ended already
                 consolidation.refit_start(st, cfg)
             return loss
 
-    def _advance_refit(self, budget: float) -> RefitReport | None:
+    def _advance_refit(self, budget: float, spread: bool = False) -> RefitReport | None:
+        """Step the running refit by ``budget`` events; at its end the text priors and both
+        neighbourhoods' recomputes (with ``spread``, the user lists over the next calls)."""
         report = consolidation.refit_advance(self.state, budget, self.config, self.backend,
                                              self.rating_range)  # fmt: skip
         if report is not None:
             self._refresh_text_priors()
-            self._recompute_neighbours()
+            if spread:
+                neighbours.recompute(self.state, self.config, self.backend)
+                user_neighbours.start_sweep(self.state)
+            else:
+                self._recompute_neighbours()
             self.last_refit = report
             log.info("refit: %s", report)
         return report

@@ -168,10 +168,31 @@ def refresh(state: ModelState, cfg: LearnerConfig, users: torch.Tensor,
 
 
 def recompute(state: ModelState, cfg: LearnerConfig, backend: str | None) -> None:
-    """Every user's b_u and neighbour list (after the baseline's recompute)."""
+    """Every user's b_u and neighbour list (after the baseline's recompute), now."""
     state.uknn_bases = None
+    state.uknn_sweep.fill_(-1)
     if len(state.users):
         refresh(state, cfg, torch.arange(len(state.users)), backend, every=True)
+
+
+def start_sweep(state: ModelState) -> None:
+    """After the baseline's recompute at a refit's end inside ``feedback``: every user's b_u
+    from the new baseline at once (dropped here, rebuilt on first use), and their lists over
+    the next calls (``sweep``), not in one stall (1-2 s at 20,000 users)."""
+    state.uknn_bases = None
+    state.uknn_sweep.fill_(0)
+
+
+def sweep(state: ModelState, cfg: LearnerConfig, n_events: int, backend: str | None) -> None:
+    """A ``feedback`` call's share of a running sweep: the lists of the next ceil(n_users x
+    ``n_events`` / ``refit_every``) user rows, so that it ends by the next refit's start."""
+    pos, n = int(state.uknn_sweep), len(state.users)
+    if pos < 0:
+        return
+    end = min(n, pos + -(-n * n_events // max(cfg.refit_every, 1)))
+    if end > pos:
+        refresh(state, cfg, torch.arange(pos, end), backend, every=True)
+    state.uknn_sweep.fill_(end if end < n else -1)
 
 
 @dataclass(frozen=True)

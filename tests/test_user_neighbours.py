@@ -14,6 +14,7 @@ from lrec_fast.model import SeenItems, rows_csr
 from lrec_fast.raters import Raters
 
 from .conftest import assert_same_bits, reloaded, rewritten_checkpoint, state_bits
+from .test_consolidation import streamed
 
 
 def contents(r: Raters) -> dict[tuple[int, int], float]:
@@ -334,3 +335,48 @@ def test_raters_without_numba_match(rng, monkeypatch):
     for u, i, r in events:
         slow.add(u, i, r)
     assert contents(slow) == contents(fast) and len(contents(fast)) > 50
+
+
+def test_a_refit_end_in_feedback_remakes_the_lists_over_the_next_calls(stream, tmp_path):
+    """A refit that ends inside feedback recomputes the baseline at once and remakes every
+    user's list over the next calls, ceil(60 users x 100 events / refit_every 300) = 20 user
+    rows a call, each slice as a recompute at that moment makes it; a checkpoint resumes the
+    sweep; refit() remakes them whole, now."""
+    rec = streamed(stream, n=0, refit_every=300, consolidate_every=0)
+    st, cfg = rec.state, rec.config
+    assert int(st.uknn_sweep) == -1  # the fit recomputed every list itself
+    seen_slices = []
+    for s in range(1500, 2500, 100):
+        ev = stream.events.take(slice(s, s + 100))
+        pos, ended = int(st.uknn_sweep), rec.last_refit
+        lists = st.uknn_rows.t.clone()
+        rec.feedback(ev.user, ev.item, ev.rating)
+        callers = {st.users.index[u] for u in ev.user}
+        if pos >= 0:
+            seen_slices.append((pos, min(60, pos + 20)))
+        if pos >= 0 and rec.last_refit is ended:  # (a refit's end moves the baseline after)
+            end = min(60, pos + 20)
+            made = st.uknn_rows.t.clone(), st.uknn_sims.t.clone()
+            user_neighbours.refresh(st, cfg, torch.arange(pos, end), "numba", every=True)
+            assert torch.equal(made[0], st.uknn_rows.t) and torch.equal(made[1], st.uknn_sims.t)
+        if pos >= 0:
+            callers |= set(range(pos, min(60, pos + 20)))
+        others = [a for a in range(60) if a not in callers]
+        assert torch.equal(st.uknn_rows.t[others], lists[others])  # nobody else's list moved
+        if rec.last_refit is not ended:  # a refit ended in this call: a sweep starts
+            assert int(st.uknn_sweep) == 0
+        else:
+            assert int(st.uknn_sweep) == (-1 if pos < 0 or pos + 20 >= 60 else pos + 20)
+    assert (0, 20) in seen_slices and (40, 60) in seen_slices
+    if int(st.uknn_sweep) < 0:  # (mid-sweep for the checkpoint below)
+        rec.state.uknn_sweep.fill_(20)
+    again = reloaded(rec, tmp_path / "ck", [0, 1], list(stream.item_ids[:2]))
+    ev = stream.events.take(slice(2500, 2600))
+    for r in (rec, again):
+        r.feedback(ev.user, ev.item, ev.rating)
+    assert_same_bits(state_bits(rec), state_bits(again))
+    rec.refit()
+    assert int(st.uknn_sweep) == -1
+    made = st.uknn_rows.t.clone()
+    user_neighbours.recompute(st, cfg, "numba")
+    assert torch.equal(made, st.uknn_rows.t)
