@@ -214,16 +214,17 @@ class LearnerConfig:
     uknn_reg: float = 0.3  # added to the sum of similarities
     uknn_user_reg: float = 5.0  # ridge of the user's mean residual
     # Items with more raters than this are left out of the user similarities (0: none): a
-    # user's list costs the sum of their items' rater counts, and an item nearly everyone
-    # rated says little about whose taste is whose. MovieLens-100k's most rated item has 583
-    # raters (no change there); on a synthetic stream with a dominant item (60,000 of 450,000
-    # ratings, 20,000 users) feedback(100) took 54 ms, 40 ms of it in the lists' refresh.
-    uknn_max_raters: int = 1_000
+    # user's list costs the sum of their items' rater counts. A speed knob, off by default:
+    # on benchmarks/scale_check (20,000 users, an item with 27,406 of 450,000 ratings) 1,000
+    # took feedback(100) p50 from 66 to 36 ms and cost stream RMSE 0.8311 -> 0.8374 (the
+    # static model's 0.8395 -> 0.8460): the popular item's ratings still told tastes apart.
+    uknn_max_raters: int = 0
     # A feedback call remakes the list of each of its users whose rating count grew by at least
     # max(1, uknn_refresh_growth x the count their list was made at) (0: every call's users).
     # On the warm-up cuts: 1/8 and 1/20 gave 0.9572 / 0.9591 and 0.9572 / 0.9592, like every
     # call (remaking 70% and 80% of them there: MovieLens users are light); on the synthetic
-    # stream above, with heavy users, feedback(100) 41 -> 12 ms.
+    # stream above, with heavy users (refit and consolidation off, uknn_max_raters 1,000),
+    # feedback(100) 41 -> 12 ms; on scale_check, stream RMSE 0.8312 before, 0.8311 with it.
     uknn_refresh_growth: float = 0.125
     # ... and in recommend's re-rank too (False: predict only; recommend at B = 64 1.6x faster
     # on bench_service, retention HR@10 85.2% instead of 88.2% on MovieLens at M = 100)

@@ -12,8 +12,8 @@ residual, b_u = sum_i (r_ui - mu - b_i) / (n_u + ``uknn_user_reg``):
     e_ui = r_ui - mu - b_i - b_u.
 Each user keeps their ``uknn_size`` most similar users (``kernels.user_neighbours``: shrunk
 correlation of the residuals over co-rated items, x co / (co + ``uknn_shrink``), positive
-only; items with more than ``uknn_max_raters`` raters are left out: they say little about
-taste, and a user's list costs the sum of their items' rater counts). The lists are
+only; with ``uknn_max_raters`` > 0, items with more raters are left out: a user's list
+costs the sum of their items' rater counts). The lists are
 recomputed for every user at the fit and each refit, and after each ``feedback`` call for
 its users whose rating count grew by at least max(1, ``uknn_refresh_growth`` x their count
 when their list was made) (every call's users at growth 0; each call's users' biases are

@@ -380,3 +380,27 @@ def test_a_refit_end_in_feedback_remakes_the_lists_over_the_next_calls(stream, t
     made = st.uknn_rows.t.clone()
     user_neighbours.recompute(st, cfg, "numba")
     assert torch.equal(made, st.uknn_rows.t)
+
+
+def test_the_rater_limit_reaches_the_kernel(fitted):
+    """uknn_max_raters set: the lists are the reference kernel's with that limit, and differ
+    from the unlimited ones (some items here have more raters than it)."""
+    st, cfg = fitted.state, fitted.config
+    which = torch.arange(len(st.users))
+    base_i, base_u = user_neighbours._bases(st, cfg)
+    args = (
+        which,
+        *histories(st.seen, which),
+        user_neighbours._raters(st),
+        torch.from_numpy(base_u),
+        torch.from_numpy(base_i),
+        cfg.uknn_size,
+        cfg.uknn_shrink,
+    )
+    unlimited = st.uknn_rows.t.clone()
+    assert torch.equal(unlimited, kernels.user_neighbours(*args, backend="torch")[0])
+    cfg.uknn_max_raters = 20
+    assert int(st.seen.raters(len(st.items)).count.max()) > 20
+    user_neighbours.recompute(st, cfg, fitted.backend)
+    want = kernels.user_neighbours(*args, 20, backend="torch")[0]
+    assert torch.equal(st.uknn_rows.t, want) and not torch.equal(want, unlimited)
