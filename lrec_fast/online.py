@@ -215,16 +215,17 @@ class LearnerConfig:
     uknn_user_reg: float = 5.0  # ridge of the user's mean residual
     # Items with more raters than this are left out of the user similarities (0: none): a
     # user's list costs the sum of their items' rater counts. A speed knob, off by default:
-    # on benchmarks/scale_check (20,000 users, an item with 27,406 of 450,000 ratings) 1,000
-    # took feedback(100) p50 from 66 to 36 ms and cost stream RMSE 0.8311 -> 0.8374 (the
-    # static model's 0.8395 -> 0.8460): the popular item's ratings still told tastes apart.
+    # on benchmarks/scale_check (20,000 users, an item with 59,012 of 400,000 ratings) 1,000
+    # took feedback(100) from 106 to 55 ms (mean) and cost stream RMSE 0.8195 -> 0.8284 (the
+    # static model's 0.8232 -> 0.8318): the popular item's ratings still told tastes apart.
     uknn_max_raters: int = 0
     # A feedback call remakes the list of each of its users whose rating count grew by at least
     # max(1, uknn_refresh_growth x the count their list was made at) (0: every call's users).
     # On the warm-up cuts: 1/8 and 1/20 gave 0.9572 / 0.9591 and 0.9572 / 0.9592, like every
     # call (remaking 70% and 80% of them there: MovieLens users are light); on the synthetic
     # stream above, with heavy users (refit and consolidation off, uknn_max_raters 1,000),
-    # feedback(100) 41 -> 12 ms; on scale_check, stream RMSE 0.8312 before, 0.8311 with it.
+    # feedback(100) 41 -> 12 ms; on a 450,000-event variant of scale_check, stream RMSE
+    # 0.8312 with every call's users, 0.8311 with 1/8 (and the sweep after refits).
     uknn_refresh_growth: float = 0.125
     # ... and in recommend's re-rank too (False: predict only; recommend at B = 64 1.6x faster
     # on bench_service, retention HR@10 85.2% instead of 88.2% on MovieLens at M = 100)
