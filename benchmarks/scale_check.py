@@ -67,6 +67,10 @@ def main() -> None:
     print(f"feedback(100): mean {1e3 * float(np.mean(calls)):.1f} ms, p50 {ms(calls, 50):.1f}"
           f" ms, p90 {ms(calls, 90):.1f} ms, max {1e3 * max(calls):.0f} ms (refit ends"
           " included)")  # fmt: skip
+    st = rec.stats()  # (the fit's steps included)
+    print(f"rating steps: {st['steps']:,}, {st['steps_backtracked'] / max(st['steps'], 1):.0%} of "
+          f"them backtracked ({st['step_halvings']:,} halvings), {st['steps_rejected']} rejected; "
+          f"{st['user_lists_made']:,} user lists made")  # fmt: skip
     ids = rec.state.users.ids
     for b in (1, 64):
         ts = []

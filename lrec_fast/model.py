@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -321,6 +322,8 @@ class ModelState:
     # The next user row whose list a sweep remakes (user_neighbours.sweep), -1: none running.
     uknn_sweep: torch.Tensor = field(default_factory=lambda: torch.full((1,), -1))
     uknn_bases: Any = field(default=None, repr=False, compare=False)
+    # What this process has seen happen (Recommender.stats): not saved, not rolled back.
+    counters: Counter[str] = field(default_factory=Counter, repr=False, compare=False)
     # Random source of the learner (row initialisation, sampled negatives, shuffles), saved
     # with the checkpoint so a reloaded model continues exactly as the original would.
     rng: torch.Generator = field(default_factory=torch.Generator, repr=False, compare=False)

@@ -333,12 +333,16 @@ def step(
         if ok:
             break
         restore()
+        state.counters["step_halvings"] += t < last
         if t == last:
+            state.counters["steps_rejected"] += 1
             raise DivergenceError(
                 f"update diverged (batch loss {loss:.3g} -> {after:.3g} at lr {lr * 0.5**t:.3g}"
                 f" after {t} halvings); step rolled back"
             )
         log.debug("step raised its batch loss %.4g -> %.4g: retried at half the rate", loss, after)
+    state.counters["steps"] += 1
+    state.counters["steps_backtracked"] += t > 0
     if undo is not None:
         undo.append(restore)
     else:

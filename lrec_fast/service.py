@@ -193,6 +193,20 @@ class Recommender:
         """The kernel backend that runs."""
         return self._backend.name
 
+    def stats(self) -> dict[str, int]:
+        """Counters of what this process has seen the model do since it was built or loaded
+        (not saved; for monitoring): ``feedback_calls`` learned, ``feedback_rejected`` (rolled
+        back: a divergent step or an error while learning), ``events_learned``; rating
+        ``steps`` taken (stream, fit, consolidation), ``steps_backtracked`` (taken after at least
+        one halving), ``step_halvings``, ``steps_rejected`` (every try failed);
+        ``consolidations``, ``refits`` ended, ``user_lists_made``. A rising share of
+        backtracked or rejected steps says the stream is pushing the learning rates too hard."""
+        keys = ("feedback_calls", "feedback_rejected", "events_learned", "steps",
+                "steps_backtracked", "step_halvings", "steps_rejected", "consolidations",
+                "refits", "user_lists_made")  # fmt: skip
+        with self._lock:
+            return {k: int(self.state.counters[k]) for k in keys}
+
     @property
     def n_users(self) -> int:
         return len(self.state.users)
@@ -378,8 +392,11 @@ class Recommender:
                     for fn in reversed(undo):
                         fn()
                     st.truncate(mark)
+                st.counters["feedback_rejected"] += 1
                 raise
             st.fold_scales(cfg.fold_threshold)  # (not before: an undo cannot take a fold back)
+            st.counters["feedback_calls"] += 1
+            st.counters["events_learned"] += n
             if offsets.enabled(cfg):
                 offsets.learn(st, cfg, counts, ii, r, served, self.rating_range)
             online.count_events(st, ii, cfg)
@@ -413,6 +430,7 @@ class Recommender:
             else:
                 self._recompute_neighbours()
             self.last_refit = report
+            self.state.counters["refits"] += 1
             log.info("refit: %s", report)
         return report
 
@@ -439,6 +457,7 @@ class Recommender:
             except BaseException:
                 self.state.restore(snap)
                 raise
+            self.state.counters["consolidations"] += 1
             log.info("consolidation: %s", report)
             return report
 

@@ -165,6 +165,7 @@ def refresh(state: ModelState, cfg: LearnerConfig, users: torch.Tensor,
         backend=backend,
     )  # fmt: skip
     _store(state, cfg.uknn_size, which, rows, sims, counts)
+    state.counters["user_lists_made"] += len(which)
 
 
 def recompute(state: ModelState, cfg: LearnerConfig, backend: str | None) -> None:

@@ -107,18 +107,27 @@ def test_feedback_learns_past_a_dominant_item(fitted, tmp_path):
     users, items, ratings = [0] * 4 + [1, 2], [3] * 4 + [5, 6], [5.0] * 4 + [2.0, 4.0]
     rows = (torch.tensor([st.users.index[u] for u in users]), torch.tensor([j] * 4 + [
         st.items.index[5], st.items.index[6]]), torch.tensor(ratings))  # fmt: skip
-    losses = []
+    losses, stats = [], []
     for halvings in (0, 4):
         rec = Recommender.load(tmp_path / "ck")
+        assert set(rec.stats().values()) == {0}  # counters start with the process
         rec.config.step_halvings = halvings
         before = online.mse(rec.state, *rows)
         try:
             rec.feedback(users, items, ratings)
+            losses.append(online.mse(rec.state, *rows) / before)
         except DivergenceError:
             losses.append(math.inf)
-            continue
-        losses.append(online.mse(rec.state, *rows) / before)
+        stats.append(rec.stats())
     assert losses[0] > 1 and losses[1] < 1  # the plain step overshoots, the halved one learns
+    plain, halved = stats
+    if math.isinf(losses[0]):
+        assert (plain["feedback_rejected"], plain["steps_rejected"], plain["steps"]) == (1, 1, 0)
+    else:
+        assert (plain["feedback_calls"], plain["steps"], plain["steps_backtracked"]) == (1, 1, 0)
+    assert (halved["feedback_calls"], halved["events_learned"], halved["feedback_rejected"]) == (
+        1, 6, 0)  # fmt: skip
+    assert halved["steps"] == halved["steps_backtracked"] == 1 <= halved["step_halvings"] <= 4
 
 
 def at_the_fold(rec: Recommender, threshold: float = 1e-3) -> None:

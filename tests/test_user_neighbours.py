@@ -200,12 +200,13 @@ def test_predict_adds_it_and_feedback_refreshes_the_lists(fitted, stream):
         touched = sorted({st.users.index.get(u, -1) for u in part.user} - {-1})
         made = st.uknn_counts.t.clone()
         assert torch.equal(made, torch.tensor([len(st.seen[a]) for a in range(60)]))
-        before = st.uknn_rows.t.clone()
+        before, made_so_far = st.uknn_rows.t.clone(), fitted.stats()["user_lists_made"]
         fitted.feedback(part.user, part.item, part.rating)
         now = torch.tensor([len(st.seen[a]) for a in range(60)])
         grew = now - made
         due = [a for a in touched if growth == 0 or grew[a] >= max(1.0, growth * float(made[a]))]
         assert 0 < len(due) and (growth == 0) == (len(due) == len(touched))
+        assert fitted.stats()["user_lists_made"] == made_so_far + len(due)
         after = st.uknn_rows.t.clone()
         assert torch.equal(st.uknn_counts.t[due], now[due])
         rest = [a for a in range(60) if a not in due]
