@@ -410,10 +410,12 @@ class Recommender:
             user_neighbours.sweep(st, cfg, n, self.backend)  # a refit's end's, over calls
             if 0 < cfg.consolidate_every <= int(st.since_consolidation):
                 self.consolidate()
+            ended = None
             if cfg.refit_every > 0 and consolidation.refit_running(st):
-                self._advance_refit(consolidation.refit_budget(st, n, cfg), spread=True)
+                ended = self._advance_refit(consolidation.refit_budget(st, n, cfg), spread=True)
             if 0 < cfg.refit_every <= int(st.since_refit):
-                self._advance_refit(math.inf, spread=True)  # normally ended already
+                if ended is None:  # (normally it has ended already: its end is not redone)
+                    self._advance_refit(math.inf, spread=True)
                 consolidation.refit_start(st, cfg)
             return loss
 

@@ -227,3 +227,19 @@ def test_a_malformed_log_or_refit_record_is_refused(stream, tmp_path, flaw):
 def test_config_is_checked(key):
     with pytest.raises(ValueError, match="refit"):
         Recommender(encoder="hashing-64", **{key: -1})
+
+
+def test_each_refit_end_is_processed_once(stream, monkeypatch):
+    """The call whose share ends a refit also starts the next one: the end's work (text priors,
+    the item kNN's recompute) runs once there, not again for the refit that already ended."""
+    from lrec_fast import neighbours
+
+    rec = streamed(stream, n=0, refit_every=300, consolidate_every=0)
+    calls = []
+    real = neighbours.recompute
+    monkeypatch.setattr(neighbours, "recompute", lambda *a: calls.append(1) or real(*a))
+    for s in range(1500, 2400, 100):
+        ev = stream.events.take(slice(s, s + 100))
+        rec.feedback(ev.user, ev.item, ev.rating)
+    # ends in the 3rd call (the empty job before any refit), the 6th and the 9th
+    assert rec.stats()["refits"] == 3 and len(calls) == 3
