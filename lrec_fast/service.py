@@ -323,10 +323,14 @@ class Recommender:
             log.info("fit: %d epochs, best %d", report.epochs, report.best_epoch)
             return report
 
-    def _recompute_neighbours(self) -> None:
-        """Both neighbourhood corrections from every rating (the fit's and each refit's end)."""
+    def _recompute_neighbours(self, spread: bool = False) -> None:
+        """Both neighbourhood corrections from every rating (the fit's and each refit's end);
+        with ``spread``, the user lists over the next feedback calls (a sweep)."""
         neighbours.recompute(self.state, self.config, self.backend)
-        user_neighbours.recompute(self.state, self.config, self.backend)
+        if spread:
+            user_neighbours.start_sweep(self.state)
+        else:
+            user_neighbours.recompute(self.state, self.config, self.backend)
 
     def _refresh_text_priors(self) -> None:
         if online.refit_projection(self.state, self.config):
@@ -426,11 +430,7 @@ class Recommender:
                                              self.rating_range)  # fmt: skip
         if report is not None:
             self._refresh_text_priors()
-            if spread:
-                neighbours.recompute(self.state, self.config, self.backend)
-                user_neighbours.start_sweep(self.state)
-            else:
-                self._recompute_neighbours()
+            self._recompute_neighbours(spread)
             self.last_refit = report
             self.state.counters["refits"] += 1
             log.info("refit: %s", report)

@@ -153,9 +153,10 @@ def refresh(state: ModelState, cfg: LearnerConfig, users: torch.Tensor,
     counts = np.diff(indptr)
     if not every and cfg.uknn_refresh_growth > 0:
         due = _due(state, cfg, which, counts)
-        if not due.all():
-            which, counts = which[due], counts[due]
-            indptr, items, ratings = _histories(state, which)  # (arrays cached by ``seen``)
+        if not due.all():  # the due users' rows of the CSR
+            keep = np.repeat(due, counts)
+            which, counts, items, ratings = which[due], counts[due], items[keep], ratings[keep]
+            indptr = np.concatenate([[0], np.cumsum(counts)])
     if which.size == 0:
         return
     rows, sims = kernels.user_neighbours(
