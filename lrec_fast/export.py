@@ -353,14 +353,13 @@ class Deployment:
             return q, b + np.float32(self.mu), idx
         import torch
 
-        from .ranking import PAD, fold_in, history_weights
+        from .kernels import user_queries
+        from .ranking import history_weights
 
         idx = [self._users.index.get(u, -1) for u in user_ids]
-        rows = np.asarray(idx, dtype=np.int64)
-        hist = np.full((len(idx), self.user_recent.shape[1]), PAD, dtype=np.int64)
-        hist[rows >= 0] = self.user_recent[rows[rows >= 0]]
-        w = history_weights(float(self.manifest["history_decay"]), hist.shape[1])
-        rq = fold_in(torch.from_numpy(self.ctx_rows), torch.from_numpy(hist), w)
+        w = history_weights(float(self.manifest["history_decay"]), self.user_recent.shape[1])
+        rq = user_queries(torch.from_numpy(self.ctx_rows), torch.from_numpy(self.user_recent),
+                          torch.tensor(idx, dtype=torch.int64), w)  # fmt: skip
         return rq.numpy(), np.zeros(len(idx), np.float32), idx
 
     def recommend(

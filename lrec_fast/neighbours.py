@@ -122,11 +122,13 @@ class Neighbours:
                    cfg.knn_weight, cfg.knn_user_reg, cfg.knn_user_decay, cfg.knn_k, cfg.knn_reg,
                    cfg.knn_decay, cfg.knn_ramp)  # fmt: skip
 
-    def weights(self, counts: torch.Tensor) -> torch.Tensor:
+    def weights(self, counts: np.ndarray) -> np.ndarray:
         """The blend weight (float32 [E]) of users with ``counts`` known ratings (int64 [E]):
-        weight x n / (n + ramp), 0 without ratings."""
-        n = counts.float()
-        return torch.where(counts > 0, self.weight * n / (n + self.ramp).clamp_min(1e-12), 0.0)
+        weight x n / (n + ramp), 0 without ratings. (numpy: a re-rank's 30 values are too few
+        for torch's per-op cost.)"""
+        n = counts.astype(np.float32)
+        w = self.weight * n / np.maximum(n + self.ramp, np.float32(1e-12))
+        return np.where(counts > 0, w, np.float32(0.0))
 
 
 def predict(
@@ -137,7 +139,11 @@ def predict(
     ``items`` [E]: (float32 [E], counts int64 [E]: the user's known ratings; 0 where the
     prediction is 0). ``history(a)``: user row a's rated item rows (sorted int64), their
     ratings (float32, all known) and ages (int64, 0: the latest)."""
-    distinct, slots = np.unique(users.numpy(), return_inverse=True)
+    u = users.numpy()
+    if u.size and (u == u[0]).all():  # one user (a re-rank's candidates): no sort
+        distinct, slots = u[:1], np.zeros(u.size, np.int64)
+    else:
+        distinct, slots = np.unique(u, return_inverse=True)
     hist = [history(a) if a >= 0 else _NONE for a in distinct.tolist()]
     indptr, flat_items = rows_csr([h[0] for h in hist])  # (hist is never empty here)
     flat_ratings = np.concatenate([h[1] for h in hist]).astype(np.float32, copy=False)
@@ -162,8 +168,16 @@ def blend(
     if nb is None or items.numel() == 0:
         return predicted
     knn, counts = predict(nb, history, users, items, clip, backend)
-    w = nb.weights(counts)
+    w = torch.from_numpy(nb.weights(counts.numpy()))
     return torch.where(counts > 0, (1 - w) * predicted + w * knn, predicted)
+
+
+def candidate_pairs(users: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (user row, item row) pairs of candidates ``cand`` [B, m] (-1: none, read as row 0)
+    of user rows ``users`` [B], flat int64 [B x m] each."""
+    c = cand.numpy()
+    return (torch.from_numpy(np.repeat(users.numpy(), c.shape[1])),
+            torch.from_numpy(np.maximum(c, 0).reshape(-1)))  # fmt: skip
 
 
 def for_rerank(
@@ -176,10 +190,10 @@ def for_rerank(
     cand = top[:, :depth]
     if nb is None or cand.numel() == 0:
         return None
-    flat_users = users[:, None].expand_as(cand).reshape(-1)
-    knn, counts = predict(nb, history, flat_users, cand.clamp_min(0).reshape(-1), clip, backend)
-    w = torch.where(cand >= 0, nb.weights(counts).view(cand.shape), 0.0)
-    return knn.view(cand.shape), w
+    knn, counts = predict(nb, history, *candidate_pairs(users, cand), clip, backend)
+    c = cand.numpy()
+    w = np.where(c >= 0, nb.weights(counts.numpy()).reshape(c.shape), np.float32(0.0))
+    return knn.view(cand.shape), torch.from_numpy(w)
 
 
 def check_config(cfg: LearnerConfig) -> None:

@@ -22,6 +22,7 @@ FBGEMM's ``EXACT_ROWWISE_ADAGRAD``): duplicate rows in a batch sum their gradien
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,8 +42,10 @@ PAD = kernels.reference.PAD  # an empty history slot
 fold_in = kernels.reference.fold_in
 
 
+@functools.lru_cache(maxsize=16)
 def history_weights(decay: float, length: int) -> torch.Tensor:
-    """w_l = decay ** l, float32 [length] (``LearnerConfig.history_decay``, ``history_len``)."""
+    """w_l = decay ** l, float32 [length] (``LearnerConfig.history_decay``, ``history_len``);
+    cached, so shared: do not modify."""
     return decay ** torch.arange(length, dtype=torch.float32)
 
 
@@ -68,13 +71,14 @@ def histories(
     return out
 
 
-def queries(state: ModelState, users: torch.Tensor, cfg: LearnerConfig) -> torch.Tensor:
+def queries(state: ModelState, users: torch.Tensor, cfg: LearnerConfig,
+            backend: str | None = None) -> torch.Tensor:  # fmt: skip
     """Ranking queries [B, d] of user rows ``users`` (-1 = unknown: a zero query)."""
     if state.user_recent.n == 0:
         return torch.zeros(users.numel(), state.dim)
-    hist = state.user_recent.t[users.clamp_min(0)]
-    hist = torch.where(users[:, None] >= 0, hist, PAD)
-    return fold_in(state.ctx_rows.t, hist, history_weights(cfg.history_decay, cfg.history_len))
+    return kernels.user_queries(state.ctx_rows.t, state.user_recent.t, users,
+                                history_weights(cfg.history_decay, cfg.history_len),
+                                backend=backend)  # fmt: skip
 
 
 def cold_users(recent: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
@@ -82,7 +86,8 @@ def cold_users(recent: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
     ``recent`` (the histories, int64 [n_users, L]) empty."""
     if recent.shape[0] == 0:
         return torch.ones(users.numel(), dtype=torch.bool)
-    return (users < 0) | (recent[users.clamp_min(0)] < 0).all(1)
+    u = users.numpy()  # (numpy: a recommend's few users are too few for torch's per-op cost)
+    return torch.from_numpy((u < 0) | (recent.numpy()[np.maximum(u, 0)] < 0).all(1))
 
 
 def reranks(rank_by: str, weight: float, depth: int) -> bool:

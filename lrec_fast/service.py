@@ -553,7 +553,7 @@ class Recommender:
         terms = (online.rank_bias(st, cfg) if n_cold < len(ids) or not ids else empty,
                  online.rank_bias(st, cfg, cold=True) if n_cold else empty)  # fmt: skip
         if cfg.rank_by == "softmax":
-            q = ranking.queries(st, users, cfg)
+            q = ranking.queries(st, users, cfg, self.backend)
             return q, st.tgt_rows.t, 1.0, terms, torch.zeros(len(ids)), cold, idx
         q, b, idx = self._queries(ids)
         return (q, st.item_rows.t, float(st.scales[SCALE_ITEM]), terms, b + float(st.mu), cold,
@@ -646,10 +646,11 @@ class Recommender:
             un = user_neighbours.UserNeighbours.of(st, cfg)
             cand = top[:, : cfg.rerank_depth]
             if un is not None and cfg.uknn_rerank and cand.numel():
-                flat = users[:, None].expand_as(cand).reshape(-1)
-                add = un.correction(flat, cand.clamp_min(0).reshape(-1), self.backend)
-                add = torch.where(cand >= 0, add.view(cand.shape), 0.0)
-                knn = (*(knn or (torch.zeros_like(add), torch.zeros_like(add))), add)
+                c = cand.numpy()
+                add = un.correction(*neighbours.candidate_pairs(users, cand), self.backend)
+                added = np.where(c >= 0, add.numpy().reshape(c.shape), np.float32(0.0))
+                none = torch.zeros(c.shape)
+                knn = (*(knn or (none, none)), torch.from_numpy(added))
         return kernels.rerank_mf(scores, top, users, st.user_rows.t, st.item_rows.t,
                                  st.user_bias.t, st.item_bias.t, st.scales, st.mu,
                                  cfg.rerank_weight, cfg.rerank_depth, knn,

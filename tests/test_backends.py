@@ -353,6 +353,37 @@ def test_advance_histories_matches_reference(backend, rng, n_users, length, n):
     assert torch.equal(hg, hw) and torch.equal(got, want) and hg.shape == (n, length)
 
 
+@pytest.mark.parametrize(
+    ("n_users", "length", "b", "d"), [(0, 3, 2, 4), (1, 1, 1, 16), (5, 4, 7, 3), (40, 20, 64, 100)]
+)
+def test_user_queries_match_reference(backend, rng, n_users, length, b, d):
+    """Ragged histories (empty slots anywhere, fully empty rows), repeated and unknown users
+    (-1: a zero query), one row repeated inside a history, and large and tiny weights."""
+    n_items = 30
+    ctx = torch.from_numpy(
+        (rng.standard_normal((n_items, d)) * 10.0 ** rng.integers(-3, 4, (n_items, 1))).astype(
+            np.float32
+        )
+    )
+    recent = torch.from_numpy(rng.integers(-1, n_items, (n_users, length)))
+    if n_users:
+        recent[0] = -1  # no history at all
+    if n_users > 1:
+        recent[-1, : min(length, 3)] = recent[-1, 0].clamp_min(0)  # one item thrice
+    users = torch.from_numpy(rng.integers(-1, n_users, b) if n_users else np.full(b, -1))
+    weights = torch.from_numpy(
+        (rng.random(length) * 2.0 ** rng.integers(-20, 3, length)).astype(np.float32)
+    )
+    want = ref.user_queries(ctx, recent, users, weights)
+    got = kernels.user_queries(ctx, recent, users, weights, backend=backend)
+    assert got.shape == want.shape == (b, d) and got.dtype == torch.float32
+    # rows of magnitudes 1e-3 to 1e3 cancel: the absolute tolerance follows the largest
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(ctx.abs().max()))
+    assert not got[users < 0].any()
+    if n_users:
+        assert not got[users == 0].any()  # user 0's history is empty
+
+
 def test_parallel_and_serial_scans_cache_apart():
     # numba keys its disk cache by name and bytecode, not by compile options: sharing one
     # entry, a process could load the serial scan where the parallel one was asked for

@@ -11,7 +11,8 @@ Backend contract (the same for every hot path):
 Hot paths: ``score_topk`` (recommend), ``mf_sgd_step`` / ``mf_adagrad_step`` (the rating
 update), ``advance_histories`` and ``softmax_step`` (the ranking head's update),
 ``item_neighbours`` and ``knn_predict`` (the neighbourhood correction of predicted ratings),
-``user_neighbours`` and ``user_knn_predict`` (the user-neighbourhood correction).
+``user_neighbours`` and ``user_knn_predict`` (the user-neighbourhood correction),
+``user_queries`` (``recommend``'s ranking queries).
 
 Implemented: triton (``triton_score.py``, ``triton_update.py``; runs CUDA tensors, or CPU
 tensors under ``TRITON_INTERPRET=1``, which is only for tests and never chosen automatically),
@@ -41,7 +42,21 @@ class Backend:
     module: ModuleType | SimpleNamespace
 
 
+_LOADED: dict[tuple[str, bool, bool], Backend] = {}
+
+
 def _load(name: str) -> Backend:
+    """The backend ``name``, loaded once per (name, TRITON_INTERPRET, CUDA there) and then
+    kept: it is resolved on every kernel call."""
+    key = (name, os.environ.get("TRITON_INTERPRET") == "1",
+           name == "triton" and torch.cuda.is_available())  # fmt: skip
+    got = _LOADED.get(key)
+    if got is None:
+        got = _LOADED[key] = _import(name)
+    return got
+
+
+def _import(name: str) -> Backend:
     if name == "torch":
         return Backend("torch", reference)
     if name == "numba":
@@ -80,6 +95,7 @@ def _load(name: str) -> Backend:
             advance_histories=reference.advance_histories,
             softmax_step=reference.softmax_step,
             rerank_mf=reference.rerank_mf,  # 30 candidates per query: no kernel launch pays
+            user_queries=reference.user_queries,  # a gather and a weighted sum: torch's own
             item_neighbours=host.item_neighbours,
             knn_predict=host.knn_predict,
             user_neighbours=host.user_neighbours,
@@ -143,6 +159,11 @@ def rerank_mf(scores, top, users, user_rows, *args, backend=None, **kwargs):  # 
     return impl.rerank_mf(scores, top, users, user_rows, *args, **kwargs)
 
 
+def user_queries(ctx, recent, users, weights, *, backend=None):  # type: ignore[no-untyped-def]
+    """Dispatching ranking queries of users; see ``reference.user_queries``."""
+    return resolve_backend(backend, ctx.device).module.user_queries(ctx, recent, users, weights)
+
+
 def item_neighbours(users, items, residuals, n_items, size, shrink, *, backend=None):  # type: ignore[no-untyped-def]
     """Dispatching ``item_neighbours``; see ``reference.item_neighbours``."""
     impl = resolve_backend(backend, users.device).module
@@ -181,4 +202,5 @@ __all__ = [
     "softmax_step",
     "user_knn_predict",
     "user_neighbours",
+    "user_queries",
 ]

@@ -412,6 +412,18 @@ def fold_in(ctx: torch.Tensor, hist: torch.Tensor, weights: torch.Tensor) -> tor
     return rows.sum(1) / w.sum(1, keepdim=True).clamp_min(1e-12)
 
 
+def user_queries(
+    ctx: torch.Tensor, recent: torch.Tensor, users: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """``fold_in`` of user rows ``users``' histories (int64 [B]; -1 = unknown: a zero query),
+    their rows of ``recent`` [n_users, L]: the ranking queries ``recommend`` scores with,
+    float32 [B, d]."""
+    if recent.shape[0] == 0:  # no user has a history yet
+        return torch.zeros(users.numel(), ctx.shape[1])
+    hist = torch.where(users[:, None] >= 0, recent[users.clamp_min(0)], PAD)
+    return fold_in(ctx, hist, weights)
+
+
 def rowwise_adagrad(
     table: torch.Tensor, acc: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, lr: float,
     eps: float = 1e-8,
