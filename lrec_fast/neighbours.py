@@ -122,6 +122,13 @@ class Neighbours:
                    cfg.knn_weight, cfg.knn_user_reg, cfg.knn_user_decay, cfg.knn_k, cfg.knn_reg,
                    cfg.knn_decay, cfg.knn_ramp)  # fmt: skip
 
+    def args(self, clip: tuple[float, float]) -> kernels.reference.ItemKnn:
+        """What ``kernels.rerank_blend`` takes of it (``clip``: the rating range)."""
+        return kernels.reference.ItemKnn(self.rows, self.sims, self.bias, self.mu,
+                                         self.user_reg, self.user_decay, self.k, self.reg,
+                                         self.decay, clip[0], clip[1], self.weight,
+                                         self.ramp)  # fmt: skip
+
     def weights(self, counts: np.ndarray) -> np.ndarray:
         """The blend weight (float32 [E]) of users with ``counts`` known ratings (int64 [E]):
         weight x n / (n + ramp), 0 without ratings. (numpy: a re-rank's 30 values are too few
@@ -129,6 +136,20 @@ class Neighbours:
         n = counts.astype(np.float32)
         w = self.weight * n / np.maximum(n + self.ramp, np.float32(1e-12))
         return np.where(counts > 0, w, np.float32(0.0))
+
+
+def history_rows(history: History, users: np.ndarray) -> kernels.reference.History:
+    """The histories of user rows ``users`` (int64 [S]; -1: unknown, an empty row) as the
+    kernels' CSR, one row per entry."""
+    hist = [history(a) if a >= 0 else _NONE for a in users.tolist()]
+    indptr, flat_items = rows_csr([h[0] for h in hist])
+    ratings = np.concatenate([h[1] for h in hist]) if hist else _NONE[1]
+    ages = np.concatenate([h[2] for h in hist]) if hist else _NONE[2]
+    return kernels.reference.History(
+        torch.from_numpy(indptr), torch.from_numpy(flat_items),
+        torch.from_numpy(ratings.astype(np.float32, copy=False)),
+        torch.from_numpy(ages.astype(np.int64, copy=False)),
+    )  # fmt: skip
 
 
 def predict(
@@ -140,22 +161,16 @@ def predict(
     prediction is 0). ``history(a)``: user row a's rated item rows (sorted int64), their
     ratings (float32, all known) and ages (int64, 0: the latest)."""
     u = users.numpy()
-    if u.size and (u == u[0]).all():  # one user (a re-rank's candidates): no sort
+    if u.size and (u == u[0]).all():  # one user: no sort
         distinct, slots = u[:1], np.zeros(u.size, np.int64)
     else:
         distinct, slots = np.unique(u, return_inverse=True)
-    hist = [history(a) if a >= 0 else _NONE for a in distinct.tolist()]
-    indptr, flat_items = rows_csr([h[0] for h in hist])  # (hist is never empty here)
-    flat_ratings = np.concatenate([h[1] for h in hist]).astype(np.float32, copy=False)
-    flat_ages = np.concatenate([h[2] for h in hist]).astype(np.int64, copy=False)
+    hist = history_rows(history, distinct)
     slots = slots.reshape(-1)
-    knn, _ = kernels.knn_predict(
-        torch.from_numpy(indptr), torch.from_numpy(flat_items), torch.from_numpy(flat_ratings),
-        torch.from_numpy(flat_ages), torch.from_numpy(slots), items, nb.rows, nb.sims, nb.bias,
-        nb.mu, nb.user_reg, nb.user_decay, nb.k, nb.reg, nb.decay, clip[0], clip[1],
-        backend=backend,
-    )  # fmt: skip
-    return knn, torch.from_numpy(np.diff(indptr)[slots])
+    knn, _ = kernels.knn_predict(*hist, torch.from_numpy(slots), items, nb.rows, nb.sims,
+                                 nb.bias, nb.mu, nb.user_reg, nb.user_decay, nb.k, nb.reg,
+                                 nb.decay, clip[0], clip[1], backend=backend)  # fmt: skip
+    return knn, torch.from_numpy(np.diff(hist.indptr.numpy())[slots])
 
 
 def blend(
@@ -170,30 +185,6 @@ def blend(
     knn, counts = predict(nb, history, users, items, clip, backend)
     w = torch.from_numpy(nb.weights(counts.numpy()))
     return torch.where(counts > 0, (1 - w) * predicted + w * knn, predicted)
-
-
-def candidate_pairs(users: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (user row, item row) pairs of candidates ``cand`` [B, m] (-1: none, read as row 0)
-    of user rows ``users`` [B], flat int64 [B x m] each."""
-    c = cand.numpy()
-    return (torch.from_numpy(np.repeat(users.numpy(), c.shape[1])),
-            torch.from_numpy(np.maximum(c, 0).reshape(-1)))  # fmt: skip
-
-
-def for_rerank(
-    nb: Neighbours | None, history: History, users: torch.Tensor, top: torch.Tensor,
-    depth: int, clip: tuple[float, float], backend: str | None,
-) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
-    """``kernels.rerank_mf``'s ``knn`` argument for candidates ``top`` [B, m] of user rows
-    ``users`` [B]: the predictions of the first ``depth`` and their blend weights (None
-    without ``nb``)."""
-    cand = top[:, :depth]
-    if nb is None or cand.numel() == 0:
-        return None
-    knn, counts = predict(nb, history, *candidate_pairs(users, cand), clip, backend)
-    c = cand.numpy()
-    w = np.where(c >= 0, nb.weights(counts.numpy()).reshape(c.shape), np.float32(0.0))
-    return knn.view(cand.shape), torch.from_numpy(w)
 
 
 def check_config(cfg: LearnerConfig) -> None:

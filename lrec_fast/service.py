@@ -635,26 +635,21 @@ class Recommender:
     def _reordered(
         self, scores: torch.Tensor, top: torch.Tensor, users: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``kernels.rerank_mf`` of candidates [B, m] for user rows [B] with this model's
-        rating tables and settings: (scores, top, shift)."""
+        """``kernels.rerank_blend`` of candidates [B, m] for user rows [B] with this model's
+        tables and settings: (scores, top, shift)."""
         st, cfg = self.state, self.config
-        knn: tuple[torch.Tensor, ...] | None = None
+        hist, item_knn, user_knn = None, None, None
         if cfg.rerank_weight:  # re-rank by the rating predict() gives (offsets aside)
-            knn = neighbours.for_rerank(neighbours.Neighbours.of(st, cfg), st.seen.history,
-                                        users, top, cfg.rerank_depth, self.rating_range,
-                                        self.backend)  # fmt: skip
-            un = user_neighbours.UserNeighbours.of(st, cfg)
-            cand = top[:, : cfg.rerank_depth]
-            if un is not None and cfg.uknn_rerank and cand.numel():
-                c = cand.numpy()
-                add = un.correction(*neighbours.candidate_pairs(users, cand), self.backend)
-                added = np.where(c >= 0, add.numpy().reshape(c.shape), np.float32(0.0))
-                none = torch.zeros(c.shape)
-                knn = (*(knn or (none, none)), torch.from_numpy(added))
-        return kernels.rerank_mf(scores, top, users, st.user_rows.t, st.item_rows.t,
-                                 st.user_bias.t, st.item_bias.t, st.scales, st.mu,
-                                 cfg.rerank_weight, cfg.rerank_depth, knn,
-                                 backend=self.backend)  # fmt: skip
+            nb = neighbours.Neighbours.of(st, cfg)
+            if nb is not None:
+                item_knn = nb.args(self.rating_range)
+                hist = neighbours.history_rows(st.seen.history, users.numpy())
+            un = user_neighbours.UserNeighbours.of(st, cfg) if cfg.uknn_rerank else None
+            user_knn = un.args() if un is not None else None
+        return kernels.rerank_blend(scores, top, users, st.user_rows.t, st.item_rows.t,
+                                    st.user_bias.t, st.item_bias.t, st.scales, st.mu,
+                                    cfg.rerank_weight, cfg.rerank_depth, hist, item_knn,
+                                    user_knn, backend=self.backend)  # fmt: skip
 
     def predict(
         self, user_ids: Sequence[Id] | np.ndarray, item_ids: Sequence[Id] | np.ndarray

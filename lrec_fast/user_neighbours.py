@@ -241,6 +241,12 @@ class UserNeighbours:
                    torch.from_numpy(base_i), float(settings["weight"]), int(settings["k"]),
                    float(settings["reg"]))  # fmt: skip
 
+    def args(self) -> kernels.reference.UserKnn:
+        """What ``kernels.rerank_blend`` takes of it."""
+        return kernels.reference.UserKnn(self.rows, self.sims, self.raters, self.user_base,
+                                         self.item_base, self.k, self.reg,
+                                         self.weight)  # fmt: skip
+
     def correction(self, users: torch.Tensor, items: torch.Tensor,
                    backend: str | None) -> torch.Tensor:  # fmt: skip
         """The amount (float32 [E]) to add to the predicted ratings of user rows ``users``

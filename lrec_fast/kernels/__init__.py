@@ -12,7 +12,8 @@ Hot paths: ``score_topk`` (recommend), ``mf_sgd_step`` / ``mf_adagrad_step`` (th
 update), ``advance_histories`` and ``softmax_step`` (the ranking head's update),
 ``item_neighbours`` and ``knn_predict`` (the neighbourhood correction of predicted ratings),
 ``user_neighbours`` and ``user_knn_predict`` (the user-neighbourhood correction),
-``user_queries`` (``recommend``'s ranking queries).
+``user_queries`` (``recommend``'s ranking queries), ``rerank_mf`` and ``rerank_blend`` (its
+re-rank by the predicted rating).
 
 Implemented: triton (``triton_score.py``, ``triton_update.py``; runs CUDA tensors, or CPU
 tensors under ``TRITON_INTERPRET=1``, which is only for tests and never chosen automatically),
@@ -95,6 +96,7 @@ def _import(name: str) -> Backend:
             advance_histories=reference.advance_histories,
             softmax_step=reference.softmax_step,
             rerank_mf=reference.rerank_mf,  # 30 candidates per query: no kernel launch pays
+            rerank_blend=host.rerank_blend,
             user_queries=reference.user_queries,  # a gather and a weighted sum: torch's own
             item_neighbours=host.item_neighbours,
             knn_predict=host.knn_predict,
@@ -164,6 +166,13 @@ def user_queries(ctx, recent, users, weights, *, backend=None):  # type: ignore[
     return resolve_backend(backend, ctx.device).module.user_queries(ctx, recent, users, weights)
 
 
+def rerank_blend(scores, top, users, user_rows, *args, backend=None, **kwargs):  # type: ignore[no-untyped-def]
+    """Dispatching re-rank by the rating ``predict`` gives, both neighbourhood corrections
+    included; see ``reference.rerank_blend``."""
+    impl = resolve_backend(backend, user_rows.device).module
+    return impl.rerank_blend(scores, top, users, user_rows, *args, **kwargs)
+
+
 def item_neighbours(users, items, residuals, n_items, size, shrink, *, backend=None):  # type: ignore[no-untyped-def]
     """Dispatching ``item_neighbours``; see ``reference.item_neighbours``."""
     impl = resolve_backend(backend, users.device).module
@@ -196,6 +205,7 @@ __all__ = [
     "mf_adagrad_step",
     "mf_sgd_step",
     "reference",
+    "rerank_blend",
     "rerank_mf",
     "resolve_backend",
     "score_topk",

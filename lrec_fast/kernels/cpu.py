@@ -35,6 +35,9 @@ from .reference import (
     SCALE_USER,
     SCALE_USER_BIAS,
     Exclude,
+    History,
+    ItemKnn,
+    UserKnn,
     check_csr,
     check_score_args,
     steps_from,
@@ -1154,6 +1157,12 @@ def _positions(n: int) -> np.ndarray:
     return buf
 
 
+def _decay_powers(decay: float, ages: np.ndarray) -> np.ndarray:
+    """decay ** a for a = 0..max(ages), float64 (``_knn_rows``' tables)."""
+    top = int(ages.max()) + 1 if ages.size else 1
+    return np.power(float(decay), np.arange(top, dtype=np.float64))
+
+
 def knn_predict(
     indptr: torch.Tensor, hist_items: torch.Tensor, hist_ratings: torch.Tensor,
     hist_ages: torch.Tensor, slots: torch.Tensor, items: torch.Tensor, nbr_rows: torch.Tensor,
@@ -1167,11 +1176,10 @@ def knn_predict(
         h = _i64(hist_items)
         where = _positions(max(nbr_rows.shape[0], int(h.max()) + 1 if h.size else 0))
         ages = _i64(hist_ages)
-        powers = np.arange(int(ages.max()) + 1 if ages.size else 1, dtype=np.float64)
         _knn_rows(_i64(indptr), h, _f32(hist_ratings), ages, _i64(slots), _i64(items),
                   _i64(nbr_rows), _f32(nbr_sims), _f32(item_bias), float(mu), float(user_reg),
-                  np.power(float(user_decay), powers), int(k), float(reg),
-                  np.power(float(decay), powers), float(lo), float(hi), where, out,
+                  _decay_powers(user_decay, ages), int(k), float(reg),
+                  _decay_powers(decay, ages), float(lo), float(hi), where, out,
                   has)  # fmt: skip
     return torch.from_numpy(out), torch.from_numpy(has)
 
@@ -1276,3 +1284,94 @@ def user_knn_predict(
                        r_users, r_ratings, _f64(user_base), _f64(item_base), int(k), float(reg),
                        _positions(user_base.numel()), out)  # fmt: skip
     return torch.from_numpy(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# the re-rank with both neighbourhood corrections
+
+
+@njit(cache=True)
+def _blend_terms(
+    cand: np.ndarray, users: np.ndarray, indptr: np.ndarray, h_items: np.ndarray,
+    h_ratings: np.ndarray, h_ages: np.ndarray, use_item: bool, k_rows: np.ndarray,
+    k_sims: np.ndarray, k_bias: np.ndarray, k_mu: float, k_user_reg: float, user_w: np.ndarray,
+    k_k: int, k_reg: float, nbr_w: np.ndarray, lo: float, hi: float, k_weight: float,
+    ramp: float, use_user: bool, u_rows: np.ndarray, u_sims: np.ndarray, start: np.ndarray,
+    count: np.ndarray, r_users: np.ndarray, r_ratings: np.ndarray, user_base: np.ndarray,
+    item_base: np.ndarray, u_k: int, u_reg: float, u_weight: float, where: np.ndarray,
+    val: np.ndarray, w: np.ndarray, add: np.ndarray,
+) -> None:  # fmt: skip
+    """``reference.blend_terms`` into val, w, add [B, m] (zeros): ``_knn_rows`` and
+    ``_user_knn_rows`` over the B x m candidate events in one compiled call."""
+    b, m = cand.shape
+    flat = np.empty(b * m, np.int64)
+    slots = np.empty(b * m, np.int64)
+    for e in range(b * m):
+        flat[e] = max(cand[e // m, e % m], 0)
+        slots[e] = e // m
+    if use_item:
+        out = np.zeros(b * m, np.float32)
+        has = np.zeros(b * m, np.bool_)
+        _knn_rows(indptr, h_items, h_ratings, h_ages, slots, flat, k_rows, k_sims, k_bias, k_mu,
+                  k_user_reg, user_w, k_k, k_reg, nbr_w, lo, hi, where, out, has)  # fmt: skip
+        for e in range(b * m):
+            q, c = e // m, e % m
+            val[q, c] = out[e]
+            n = np.float32(indptr[q + 1] - indptr[q])
+            if cand[q, c] >= 0 and n > 0:  # float32 throughout, as the reference
+                w[q, c] = np.float32(k_weight) * n / max(n + np.float32(ramp), np.float32(1e-12))
+    if use_user:
+        users_e = np.empty(b * m, np.int64)
+        for e in range(b * m):
+            users_e[e] = users[e // m]
+        corr = np.zeros(b * m, np.float32)
+        _user_knn_rows(users_e, flat, u_rows, u_sims, start, count, r_users, r_ratings,
+                       user_base, item_base, u_k, u_reg, where, corr)  # fmt: skip
+        for e in range(b * m):
+            if cand[e // m, e % m] >= 0:
+                add[e // m, e % m] = np.float32(u_weight) * corr[e]
+
+
+def rerank_blend(
+    scores: torch.Tensor, top: torch.Tensor, users: torch.Tensor, user_rows: torch.Tensor,
+    item_rows: torch.Tensor, user_bias: torch.Tensor, item_bias: torch.Tensor,
+    scales: torch.Tensor, mu: torch.Tensor, weight: float, depth: int, hist: History | None,
+    item_knn: ItemKnn | None, user_knn: UserKnn | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``reference.rerank_blend``: both corrections' terms in one compiled call, then
+    ``rerank_mf`` (a recommend's glue between three kernels cost more than the kernels)."""
+    depth = min(depth, top.shape[1])
+    if item_knn is None or hist is None:
+        item_knn = hist = None
+    knn = None
+    if weight and depth and top.shape[0] and (item_knn is not None or user_knn is not None):
+        cand = np.ascontiguousarray(_i64(top)[:, :depth])
+        nb = cand.shape[0]
+        val, w, add = (np.zeros((nb, depth), np.float32) for _ in range(3))
+        zi, zf, zd = np.zeros(1, np.int64), np.zeros(1, np.float32), np.zeros(1)
+        need = 1
+        # an absent part: empty tables and settings the kernel never reads
+        h: tuple[np.ndarray, ...] = (np.zeros(nb + 1, np.int64), zi, zf, zi)
+        ik: tuple[Any, ...] = (np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32), zf,
+                               0.0, 0.0, zd, 0, 0.0, zd, 0.0, 0.0, 0.0, 0.0)  # fmt: skip
+        if item_knn is not None and hist is not None:
+            h = (_i64(hist.indptr), _i64(hist.items), _f32(hist.ratings), _i64(hist.ages))
+            k = item_knn
+            ik = (_i64(k.rows), _f32(k.sims), _f32(k.bias), float(k.mu), float(k.user_reg),
+                  _decay_powers(k.user_decay, h[3]), int(k.k), float(k.reg),
+                  _decay_powers(k.decay, h[3]), float(k.lo), float(k.hi), float(k.weight),
+                  float(k.ramp))  # fmt: skip
+            need = max(ik[0].shape[0], int(h[1].max()) + 1 if h[1].size else 0)
+        uk: tuple[Any, ...] = (np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32), zi,
+                               zi, zi, zf, zd, zd, 0, 0.0, 0.0)  # fmt: skip
+        if user_knn is not None:
+            k2 = user_knn
+            uk = (_i64(k2.rows), _f32(k2.sims), *_rater_arrays(k2.raters), _f64(k2.user_base),
+                  _f64(k2.item_base), int(k2.k), float(k2.reg), float(k2.weight))  # fmt: skip
+            need = max(need, uk[6].shape[0])
+        args = (cand, _i64(users), *h, item_knn is not None, *ik, user_knn is not None, *uk,
+                _positions(need), val, w, add)  # fmt: skip
+        _blend_terms(*args)
+        knn = (torch.from_numpy(val), torch.from_numpy(w), torch.from_numpy(add))
+    return rerank_mf(scores, top, users, user_rows, item_rows, user_bias, item_bias, scales, mu,
+                     weight, depth, knn)  # fmt: skip

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -716,3 +716,98 @@ def knn_predict(
         out[e] = min(max(mu + b_a + b_j + corr, lo), hi)
         has[e] = True
     return out, has
+
+
+# ---------------------------------------------------------------------------------------------
+# the re-rank with both neighbourhood corrections (what ``recommend`` re-ranks by)
+
+
+class History(NamedTuple):
+    """Rating histories as a CSR, one row per query: row b's sorted item rows
+    ``items[indptr[b]:indptr[b + 1]]`` (int64), their latest ratings (float32, all known) and
+    ages (int64, 0: the latest)."""
+
+    indptr: torch.Tensor
+    items: torch.Tensor
+    ratings: torch.Tensor
+    ages: torch.Tensor
+
+
+class ItemKnn(NamedTuple):
+    """The item-neighbourhood blend (``lrec_fast.neighbours``): ``knn_predict``'s tables and
+    settings, and the blend weight ``weight`` x n / (n + ``ramp``) of a user with n ratings."""
+
+    rows: torch.Tensor
+    sims: torch.Tensor
+    bias: torch.Tensor
+    mu: float
+    user_reg: float
+    user_decay: float
+    k: int
+    reg: float
+    decay: float
+    lo: float
+    hi: float
+    weight: float
+    ramp: float
+
+
+class UserKnn(NamedTuple):
+    """The user-neighbourhood correction (``lrec_fast.user_neighbours``): ``user_knn_predict``'s
+    tables and settings, the correction added at ``weight``."""
+
+    rows: torch.Tensor
+    sims: torch.Tensor
+    raters: RaterArrays
+    user_base: torch.Tensor
+    item_base: torch.Tensor
+    k: int
+    reg: float
+    weight: float
+
+
+def blend_terms(
+    top: torch.Tensor, users: torch.Tensor, depth: int, hist: History | None,
+    item_knn: ItemKnn | None, user_knn: UserKnn | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``rerank_mf``'s ``knn`` for the first min(``depth``, m) candidates of ``top`` [B, m]
+    (query b: user row ``users[b]``, history row b of ``hist``): the item-kNN predictions,
+    their blend weights (0 for a user without ratings and for padding) and the weighted
+    user-kNN corrections (0 for padding), float32 [B, depth] each; zeros for a part that is
+    None."""
+    cand = top[:, :depth]
+    b, m = cand.shape
+    valid = cand >= 0
+    flat = cand.clamp_min(0).reshape(-1)
+    val, w, add = torch.zeros(b, m), torch.zeros(b, m), torch.zeros(b, m)
+    if item_knn is not None and hist is not None and flat.numel():
+        slots = torch.arange(b).repeat_interleave(m)
+        v, _ = knn_predict(*hist[:4], slots, flat, item_knn.rows, item_knn.sims, item_knn.bias,
+                           item_knn.mu, item_knn.user_reg, item_knn.user_decay, item_knn.k,
+                           item_knn.reg, item_knn.decay, item_knn.lo, item_knn.hi)  # fmt: skip
+        n = (hist.indptr[1:] - hist.indptr[:-1])[slots].float()
+        nw = item_knn.weight * n / (n + item_knn.ramp).clamp_min(1e-12)
+        val, w = v.view(b, m), torch.where(valid & (n > 0).view(b, m), nw.view(b, m), 0.0)
+    if user_knn is not None and flat.numel():
+        c = user_knn_predict(users.repeat_interleave(m), flat, user_knn.rows, user_knn.sims,
+                             user_knn.raters, user_knn.user_base, user_knn.item_base, user_knn.k,
+                             user_knn.reg)  # fmt: skip
+        add = torch.where(valid, user_knn.weight * c.view(b, m), 0.0)
+    return val, w, add
+
+
+def rerank_blend(
+    scores: torch.Tensor, top: torch.Tensor, users: torch.Tensor, user_rows: torch.Tensor,
+    item_rows: torch.Tensor, user_bias: torch.Tensor, item_bias: torch.Tensor,
+    scales: torch.Tensor, mu: torch.Tensor, weight: float, depth: int, hist: History | None,
+    item_knn: ItemKnn | None, user_knn: UserKnn | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``rerank_mf`` by the rating ``predict`` gives (offsets aside): the factor model's,
+    blended with the item-kNN prediction and plus the user-kNN correction (``blend_terms``;
+    either may be None). Returns new tensors (scores, top, shift)."""
+    depth = min(depth, top.shape[1])
+    knn = None
+    if weight and depth and top.shape[0] and (item_knn is not None or user_knn is not None):
+        knn = blend_terms(top, users, depth, hist, item_knn, user_knn)
+    return rerank_mf(scores, top, users, user_rows, item_rows, user_bias, item_bias, scales, mu,
+                     weight, depth, knn)  # fmt: skip
