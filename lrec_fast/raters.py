@@ -2,11 +2,12 @@
 correction reads (``user_neighbours.py``), kept current event by event.
 
 A CSR with slack: item j's raters are ``users[start[j] : start[j] + count[j]]`` (with their
-ratings), in no particular order, inside a block of ``cap[j]`` slots. A new rater goes into a
-free slot of the block; a full block moves to the buffer's end at twice its size (amortised
-O(1) per event); a re-rating overwrites in place (a scan of the item's raters). When the buffer
-has no room left, every block is repacked at twice its count. Readers must not depend on the
-order of an item's raters (the kernels do not: they mark and look up).
+ratings), sorted by user row, inside a block of ``cap[j]`` slots. A new rater is inserted in
+order (a binary search, then the later entries shift by one slot); a full block moves to the
+buffer's end at twice its size (amortised O(1) per event); a re-rating overwrites in place.
+When the buffer has no room left, every block is repacked at twice its count. The order lets
+``kernels.user_knn_predict`` look a neighbour up in an item with thousands of raters instead
+of scanning them all.
 """
 
 from __future__ import annotations
@@ -31,28 +32,28 @@ def _upsert(
     ratings: np.ndarray, end: int, ev_users: np.ndarray, ev_items: np.ndarray,
     ev_ratings: np.ndarray,
 ) -> int:  # fmt: skip
-    """Record the events in order (the latest rating of a pair counts); returns the buffer's new
-    end. The caller has made sure a full move of every event's block fits."""
+    """Record the events in order (the latest rating of a pair counts), each block kept sorted
+    by user row; returns the buffer's new end. The caller has made sure a full move of every
+    event's block fits."""
     for e in range(ev_users.shape[0]):
         a, j, r = ev_users[e], ev_items[e], ev_ratings[e]
         lo = start[j]
         hi = lo + count[j]
-        found = False
-        for t in range(lo, hi):
-            if users[t] == a:
-                ratings[t] = r
-                found = True
-                break
-        if found:
+        at = lo + np.searchsorted(users[lo:hi], a)
+        if at < hi and users[at] == a:  # a re-rating
+            ratings[at] = r
             continue
         if count[j] == cap[j]:  # full: move the block to the end at twice its size
             new = max(MIN_BLOCK, 2 * cap[j])
             users[end : end + count[j]] = users[lo:hi]
             ratings[end : end + count[j]] = ratings[lo:hi]
+            at += end - lo
             start[j], cap[j] = end, new
+            lo, hi = end, end + count[j]
             end += new
-        t = start[j] + count[j]
-        users[t], ratings[t] = a, r
+        for t in range(hi, at, -1):  # (a shift: the scan for a re-rating cost as much before)
+            users[t], ratings[t] = users[t - 1], ratings[t - 1]
+        users[at], ratings[at] = a, r
         count[j] += 1
     return end
 
@@ -136,7 +137,7 @@ class Raters:
                        u[keep], r[keep], extra=0)  # fmt: skip
 
     def rows(self, item: int) -> tuple[np.ndarray, np.ndarray]:
-        """Item row ``item``'s raters (user rows int64) and their ratings (float32), unordered."""
+        """Item row ``item``'s raters (user rows int64, ascending) and their ratings (float32)."""
         if item >= len(self.start):
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         lo, hi = self.start[item], self.start[item] + self.count[item]

@@ -21,6 +21,7 @@ def contents(r: Raters) -> dict[tuple[int, int], float]:
     out: dict[tuple[int, int], float] = {}
     for j in range(len(r)):
         users, ratings = r.rows(j)
+        assert (np.diff(users) > 0).all()  # sorted by user row, as the numba kernel reads them
         for a, x in zip(users.tolist(), ratings.tolist(), strict=True):
             assert (a, j) not in out  # one entry per pair
             out[(a, j)] = x
@@ -141,6 +142,38 @@ def test_user_knn_predict_numba_matches_reference(rng, k, reg):
     assert bool((want[(users < 0) | (users >= n_users - 4) | (items >= n_items)] == 0).all())
     empty = kernels.user_knn_predict(users[:0], items[:0], *args[2:], backend="numba")
     assert empty.shape == (0,)
+
+
+def test_user_knn_predict_reads_a_crowded_item_by_search(rng):
+    """An item with more raters than 2 x list size x log2 of them is read neighbour by
+    neighbour (a binary search in its sorted raters): the reference's values, where the k
+    neighbours who rated it are found early (a popular item) and where the list runs out."""
+    n_users, n_items, size = 400, 6, 8
+    seen = SeenItems()
+    seen.append_users(n_users)
+    u = np.concatenate([rng.permutation(n_users), rng.integers(0, n_users, 300)])
+    i = np.concatenate([np.zeros(n_users, np.int64), rng.integers(1, n_items, 300)])
+    seen.add(u.tolist(), i.tolist(), rng.integers(1, 6, u.size).astype(float).tolist())
+    seen.add([5, 9], [0, 0], [1.0, 5.0])  # re-ratings of the crowded item
+    r = seen.raters(n_items)
+    assert r.count[0] == n_users and r.count[0] >= 2 * size * 9  # (the search path's bound)
+    raters = tuple(torch.from_numpy(x) for x in (r.start, r.count, r.users, r.ratings))
+    base_u = torch.from_numpy(rng.normal(0, 0.3, n_users))
+    base_i = torch.from_numpy(rng.normal(3.5, 0.4, n_items))
+    which = torch.arange(n_users)
+    rows, sims = kernels.user_neighbours(which, *histories(seen, which), raters, base_u,
+                                         base_i, size, 5.0, backend="numba")  # fmt: skip
+    rows[::7, 3:] = -1  # short lists: the walk reaches their end before k
+    rows[1, 0] = -1  # a hole
+    users = torch.from_numpy(rng.integers(0, n_users, 300))
+    items = torch.from_numpy(rng.integers(0, n_items, 300))
+    items[:150] = 0
+    for k, reg in ((1, 0.3), (3, 0.0), (20, 0.3)):
+        args = (users, items, rows, sims, raters, base_u, base_i, k, reg)
+        want = kernels.user_knn_predict(*args, backend="torch")
+        got = kernels.user_knn_predict(*args, backend="numba")
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        assert (want[:150] != 0).float().mean() > 0.8
 
 
 def test_user_knn_predict_by_hand():

@@ -587,7 +587,8 @@ def _most_similar(sim: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Ten
 
 
 # Who rated each item (``lrec_fast.raters.Raters``): item j's raters are
-# users[start[j] : start[j] + count[j]], with their ratings, in any order.
+# users[start[j] : start[j] + count[j]], with their ratings, sorted by user row (the references
+# take any order; numba's user_knn_predict binary-searches the items with many raters).
 RaterArrays = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
