@@ -525,7 +525,7 @@ def fit(
     n_val = int(n * cfg.validation_fraction) if n >= 20 else 0
     n_tr = n - n_val
     rng = np.random.default_rng(cfg.seed)
-    best, best_val, best_epoch, since = state.snapshot(), math.inf, 0, 0
+    best, best_val, best_epoch, since = state.snapshot(seen=False), math.inf, 0, 0
     report = FitReport(0, 0, [], [])
     for epoch in range(1, cfg.max_epochs + 1):
         order = torch.from_numpy(rng.permutation(n_tr))
@@ -538,13 +538,13 @@ def fit(
         report.epochs = epoch
         report.train_rmse.append(rmse(state, users[:n_tr], items[:n_tr], ratings[:n_tr], clip))
         if n_val == 0:
-            best, best_epoch = state.snapshot(), epoch
+            best, best_epoch = state.snapshot(seen=False), epoch
             continue
         val = rmse(state, users[n_tr:], items[n_tr:], ratings[n_tr:], clip)
         report.val_rmse.append(val)
         log.info("epoch %d: train rmse %.4f, val rmse %.4f", epoch, report.train_rmse[-1], val)
         if val < best_val - 1e-4:
-            best, best_val, best_epoch, since = state.snapshot(), val, epoch, 0
+            best, best_val, best_epoch, since = state.snapshot(seen=False), val, epoch, 0
         else:
             since += 1
             if since >= cfg.patience:

@@ -298,7 +298,7 @@ class Recommender:
         event touched then take their text prior from the refitted projection."""
         with self._lock:
             u, i, r, _ = self._prepare(users, items, ratings, None)
-            snap = self.state.snapshot()
+            snap = self.state.snapshot(seen=False)
             try:
                 if self.n_users == 0:
                     self.state.mu.fill_(float(r.double().mean()))
@@ -448,7 +448,7 @@ class Recommender:
             if cap < 2 or u.numel() < 2:
                 self.state.since_consolidation.zero_()
                 return ConsolidationReport(events=u.numel())
-            snap = self.state.snapshot()
+            snap = self.state.snapshot(seen=False)
             try:
                 self.state.since_consolidation.zero_()
                 report = consolidation.consolidate(
@@ -472,7 +472,7 @@ class Recommender:
         the 2-core CPU machine, README); all or nothing on an unexpected error."""
         with self._lock:
             st = self.state
-            snap = st.snapshot()
+            snap = st.snapshot(seen=False)
             try:
                 consolidation.refit_start(st, self.config)
                 report = self._advance_refit(math.inf)
