@@ -579,3 +579,38 @@ def test_rerank_with_fewer_eligible_items_than_the_depth(stream):
 def test_rerank_settings_are_checked(kw):
     with pytest.raises(ValueError, match="rerank"):
         Recommender(**kw)
+
+
+def test_recommend_keeps_its_item_terms_only_until_the_model_changes(fitted, stream):
+    """The per-item terms recommend ranks with are kept between calls: after every mutating
+    call and every change of their settings they are the freshly computed ones again."""
+    rec, st = fitted, fitted.state
+
+    def check() -> torch.Tensor:
+        rec.recommend([0, 1, "nobody"], k=5)  # (both groups: warm users and a cold one)
+        for cold in (False, True):
+            fresh = online.rank_bias(st, rec.config, cold=cold)
+            assert torch.equal(rec._item_term(cold), fresh)
+        return rec._item_term(False).clone()
+
+    first = check()
+    assert rec._item_term(False) is rec._item_term(False)  # kept, not recomputed
+    ev = stream.events.take(slice(1500, 1600))
+    rec.feedback(ev.user, ev.item, ev.rating)
+    assert not torch.equal(check(), first)
+    rec.consolidate()
+    check()
+    rec.refit()
+    check()
+    rec.add_items(["brand new"], ["A Film (2026) | Drama"])
+    assert check().shape == (81,)
+    rec.config.prior_weight *= 2
+    check()
+    rec.config.rank_by = "rating"
+    try:
+        check()
+    finally:
+        rec.config.rank_by = "softmax"
+    with pytest.raises(ValueError):
+        rec.feedback([0], ["no such item"], [4.0])  # a rejected call: still fresh after it
+    check()
