@@ -331,7 +331,7 @@ class Recommender:
         with ``spread``, the user lists over the next feedback calls (a sweep)."""
         neighbours.recompute(self.state, self.config, self.backend)
         if spread:
-            user_neighbours.start_sweep(self.state)
+            user_neighbours.start_sweep(self.state, self.config)
         else:
             user_neighbours.recompute(self.state, self.config, self.backend)
 

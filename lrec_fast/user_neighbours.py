@@ -177,12 +177,13 @@ def recompute(state: ModelState, cfg: LearnerConfig, backend: str | None) -> Non
         refresh(state, cfg, torch.arange(len(state.users)), backend, every=True)
 
 
-def start_sweep(state: ModelState) -> None:
+def start_sweep(state: ModelState, cfg: LearnerConfig) -> None:
     """After the baseline's recompute at a refit's end inside ``feedback``: every user's b_u
-    from the new baseline at once (dropped here, rebuilt on first use), and their lists over
-    the next calls (``sweep``), not in one stall (1-2 s at 20,000 users)."""
+    from the new baseline at once (dropped here, rebuilt on first use), and, with
+    ``uknn_sweep``, their lists over the next calls (``sweep``), not in one stall (1-2 s at
+    20,000 users); without, each list waits for its user's growth (``refresh``)."""
     state.uknn_bases = None
-    state.uknn_sweep.fill_(0)
+    state.uknn_sweep.fill_(0 if cfg.uknn_sweep else -1)
 
 
 def sweep(state: ModelState, cfg: LearnerConfig, n_events: int, backend: str | None) -> None:
@@ -285,5 +286,7 @@ def check_config(cfg: LearnerConfig) -> None:
     if not all(math.isfinite(x) and x >= 0 for x in reals) or cfg.uknn_weight > 1:
         raise ValueError("uknn_weight must be in [0, 1]; uknn_shrink, uknn_reg, uknn_user_reg "
                          "and uknn_refresh_growth finite and >= 0")  # fmt: skip
+    if not isinstance(cfg.uknn_sweep, bool):
+        raise ValueError(f"uknn_sweep must be True or False, not {cfg.uknn_sweep!r}")
     if cfg.uknn_size < 0 or cfg.uknn_k < 0 or cfg.uknn_max_raters < 0:
         raise ValueError("uknn_size, uknn_k and uknn_max_raters must be >= 0")

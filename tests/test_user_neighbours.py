@@ -416,6 +416,28 @@ def test_a_refit_end_in_feedback_remakes_the_lists_over_the_next_calls(stream, t
     assert torch.equal(made, st.uknn_rows.t)
 
 
+def test_without_the_sweep_a_refit_end_leaves_other_users_lists(stream):
+    """uknn_sweep=False: a refit's end inside feedback recomputes the baseline (every b_u) but
+    starts no sweep: each call remakes only its own due users' lists."""
+    rec = streamed(stream, n=0, refit_every=300, consolidate_every=0, uknn_sweep=False)
+    st = rec.state
+    ends = 0
+    for s in range(1500, 2300, 100):
+        ev = stream.events.take(slice(s, s + 100))
+        ended, lists = rec.last_refit, st.uknn_rows.t.clone()
+        bases = st.uknn_bases
+        rec.feedback(ev.user, ev.item, ev.rating)
+        ends += rec.last_refit is not ended
+        assert int(st.uknn_sweep) == -1
+        others = [a for a in range(60) if a not in {st.users.index[u] for u in ev.user}]
+        assert torch.equal(st.uknn_rows.t[others], lists[others])
+        if rec.last_refit is not ended:  # the baseline moved: the user biases follow it
+            assert bases is None or st.uknn_bases is not bases
+    assert ends >= 2
+    with pytest.raises(ValueError, match="uknn_sweep"):
+        Recommender(uknn_sweep=1, encoder="hashing-64")
+
+
 def test_the_rater_limit_reaches_the_kernel(fitted):
     """uknn_max_raters set: the lists are the reference kernel's with that limit, and differ
     from the unlimited ones (some items here have more raters than it)."""
