@@ -614,3 +614,43 @@ def test_recommend_keeps_its_item_terms_only_until_the_model_changes(fitted, str
     with pytest.raises(ValueError):
         rec.feedback([0], ["no such item"], [4.0])  # a rejected call: still fresh after it
     check()
+
+
+def test_feedback_encodes_new_items_before_taking_the_lock(fitted):
+    """A new item's text is encoded before feedback takes the model's lock (answers do not
+    wait for the encoder); the same embedding as encoding it under the lock, and bad text
+    is still reported by the call, which changes nothing."""
+    from lrec_fast.text.encoder import HashingEncoder
+
+    rec = fitted
+    calls: list[bool] = []
+    real = HashingEncoder(64)
+
+    class Spy:
+        name, dim = real.name, real.dim
+
+        def encode(self, texts):
+            got: list[bool] = []
+
+            def probe() -> None:  # can another thread take the model's lock right now?
+                ok = rec._lock.acquire(blocking=False)
+                got.append(ok)
+                if ok:
+                    rec._lock.release()
+
+            t = threading.Thread(target=probe)
+            t.start()
+            t.join()
+            calls.append(got[0])
+            return real.encode(texts)
+
+    rec._encoder = Spy()
+    rec.feedback([0, 1], ["fresh", 3], [4.0, 2.0], texts={"fresh": "A Fresh Film (2026) | Drama"})
+    assert calls == [True]  # once, unlocked
+    row = rec.state.items.index["fresh"]
+    want = real.encode(["A Fresh Film (2026) | Drama"])[0]
+    np.testing.assert_array_equal(rec.state.item_text.t[row].numpy(), want)
+    bits = state_bits(rec)
+    with pytest.raises(TypeError):
+        rec.feedback([0], ["other"], [4.0], texts={"other": 5})  # type: ignore[dict-item]
+    assert_same_bits(state_bits(rec), bits)
