@@ -64,3 +64,31 @@ def test_hashing_encoder_and_registry():
     assert abs(float(v[0] @ v[2])) < 0.9 and not v[3].any()
     with pytest.raises(ValueError):
         encoder_by_name("nope")
+
+
+def test_cache_writes_each_calls_new_embeddings_apart_and_merges_them(tmp_path, monkeypatch):
+    """A call that encodes new texts writes a file of those embeddings only (not the whole
+    cache again); at MAX_SHARDS files they merge into one, or into the main file once they hold
+    as many; a new process reads them all; an unreadable file is skipped and its texts encoded
+    again."""
+    monkeypatch.setattr(CachedEncoder, "MAX_SHARDS", 3)
+    enc = CachedEncoder(Counting(), tmp_path)
+    first = enc.encode(["a b", "c"])
+    assert len(enc._shards()) == 1 and not enc.path.exists()
+    enc.encode(["c"])  # nothing new: nothing written
+    enc.encode(["d"])
+    assert len(enc._shards()) == 2
+    enc.encode(["e"])  # the third file: 4 embeddings merged, more than the main file's 0
+    assert enc._shards() == [] and enc.path.exists()
+    enc.encode(["f"])
+    enc.encode(["g"])
+    enc.encode(["h"])  # 3 merged, fewer than the main file's 5: one file of the three
+    assert len(enc._shards()) == 1
+    fresh = CachedEncoder(Counting(), tmp_path)
+    np.testing.assert_array_equal(fresh.encode(["a b", "h"]), enc.encode(["a b", "h"]))
+    assert fresh.encoder.calls == []  # every text came from the files
+    enc._shards()[0].write_bytes(b"garbage")
+    again = CachedEncoder(Counting(), tmp_path)
+    np.testing.assert_array_equal(again.encode(["g", "c"]), enc.encode(["g", "c"]))
+    assert again.encoder.calls == [1]  # "g" (its file unreadable) encoded again, "c" read
+    np.testing.assert_array_equal(first[1], again.encode(["c"])[0])
