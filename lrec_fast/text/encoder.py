@@ -183,6 +183,7 @@ class CachedEncoder:
         merged |= new
         if len(merged) >= self._main:  # everything into the main file
             assert self._mem is not None
+            self._mem |= merged  # (another process's files too: none lost)
             atomic_write_bytes(self.path, save(self._mem, metadata=meta))
             self._main = len(self._mem)
         else:
