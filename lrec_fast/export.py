@@ -321,14 +321,14 @@ class Deployment:
         ``items`` with the item-neighbourhood correction blended in and the user-neighbourhood
         correction added, as ``Recommender.predict`` (offsets aside) and, with ``rerank``, its
         re-rank (the user correction only where the manifest's ``uknn.rerank`` says so)."""
-        from .neighbours import blend
+        from .neighbours import corrected
 
         lo, hi = self.manifest["rating_range"]
-        p = blend(self._neighbours, self._history, users, items, ratings, (lo, hi), None)
         un = self._user_neighbours
         if rerank and not self.manifest.get("uknn", {}).get("rerank", True):
             un = None
-        return user_neighbours.correct(un, users, items, p, None)
+        return corrected(self._neighbours, un.args() if un else None, self._history, users,
+                         items, ratings, (lo, hi), None)  # fmt: skip
 
     @property
     def n_items(self) -> int:

@@ -129,14 +129,6 @@ class Neighbours:
                                          self.decay, clip[0], clip[1], self.weight,
                                          self.ramp)  # fmt: skip
 
-    def weights(self, counts: np.ndarray) -> np.ndarray:
-        """The blend weight (float32 [E]) of users with ``counts`` known ratings (int64 [E]):
-        weight x n / (n + ramp), 0 without ratings. (numpy: a re-rank's 30 values are too few
-        for torch's per-op cost.)"""
-        n = counts.astype(np.float32)
-        w = self.weight * n / np.maximum(n + self.ramp, np.float32(1e-12))
-        return np.where(counts > 0, w, np.float32(0.0))
-
 
 def history_rows(history: History, users: np.ndarray) -> kernels.reference.History:
     """The histories of user rows ``users`` (int64 [S]; -1: unknown, an empty row) as the
@@ -152,39 +144,44 @@ def history_rows(history: History, users: np.ndarray) -> kernels.reference.Histo
     )  # fmt: skip
 
 
-def predict(
-    nb: Neighbours, history: History, users: torch.Tensor, items: torch.Tensor,
+def by_user(users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """Pairs (user row, item row) [E] laid out as ``blend_terms`` takes them: (distinct users
+    [D], candidates [D, m] with -1 padding, each pair's (row, column))."""
+    if users.size and (users == users[0]).all():  # one user: no sort
+        return users[:1], items.reshape(1, -1), (np.zeros(users.size, np.int64),
+                                                 np.arange(users.size))  # fmt: skip
+    distinct, slot = np.unique(users, return_inverse=True)
+    slot = slot.reshape(-1)
+    order = np.argsort(slot, kind="stable")
+    first = np.searchsorted(slot[order], np.arange(len(distinct)))
+    col = np.empty(users.size, np.int64)
+    col[order] = np.arange(users.size) - first[slot[order]]
+    top = np.full((len(distinct), int(col.max()) + 1 if col.size else 0), -1, np.int64)
+    top[slot, col] = items
+    return distinct, top, (slot, col)
+
+
+def corrected(
+    nb: Neighbours | None, un: kernels.reference.UserKnn | None, history: History,
+    users: torch.Tensor, items: torch.Tensor, predicted: torch.Tensor,
     clip: tuple[float, float], backend: str | None,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The neighbourhood predictions of user rows ``users`` (-1: unknown) and item rows
-    ``items`` [E]: (float32 [E], counts int64 [E]: the user's known ratings; 0 where the
-    prediction is 0). ``history(a)``: user row a's rated item rows (sorted int64), their
-    ratings (float32, all known) and ages (int64, 0: the latest)."""
-    u = users.numpy()
-    if u.size and (u == u[0]).all():  # one user: no sort
-        distinct, slots = u[:1], np.zeros(u.size, np.int64)
-    else:
-        distinct, slots = np.unique(u, return_inverse=True)
-    hist = history_rows(history, distinct)
-    slots = slots.reshape(-1)
-    knn, _ = kernels.knn_predict(*hist, torch.from_numpy(slots), items, nb.rows, nb.sims,
-                                 nb.bias, nb.mu, nb.user_reg, nb.user_decay, nb.k, nb.reg,
-                                 nb.decay, clip[0], clip[1], backend=backend)  # fmt: skip
-    return knn, torch.from_numpy(np.diff(hist.indptr.numpy())[slots])
-
-
-def blend(
-    nb: Neighbours | None, history: History, users: torch.Tensor, items: torch.Tensor,
-    predicted: torch.Tensor, clip: tuple[float, float], backend: str | None,
 ) -> torch.Tensor:  # fmt: skip
     """The factor model's ``predicted`` ratings (float32 [E]) of user rows ``users`` (-1:
-    unknown) and item rows ``items``, blended with the neighbourhood prediction where the user
-    has ratings (module doc); ``predicted`` itself without ``nb``."""
-    if nb is None or items.numel() == 0:
+    unknown) and item rows ``items``, the item-neighbourhood prediction blended in where the
+    user has ratings (module doc) and the user-neighbourhood correction added
+    (``kernels.blend_terms``, both in one call); ``predicted`` itself without either.
+    ``history(a)``: user row a's rated item rows (sorted int64), their ratings (float32, all
+    known) and ages (int64, 0: the latest)."""
+    if (nb is None and un is None) or items.numel() == 0:
         return predicted
-    knn, counts = predict(nb, history, users, items, clip, backend)
-    w = torch.from_numpy(nb.weights(counts.numpy()))
-    return torch.where(counts > 0, (1 - w) * predicted + w * knn, predicted)
+    distinct, top, at = by_user(users.numpy(), items.numpy())
+    hist = history_rows(history, distinct) if nb is not None else None
+    val, w, add = kernels.blend_terms(torch.from_numpy(top), torch.from_numpy(distinct),
+                                      top.shape[1], hist, nb.args(clip) if nb else None, un,
+                                      backend=backend)  # fmt: skip
+    v, ww, a = val.numpy()[at], w.numpy()[at], add.numpy()[at]  # (numpy: a few values)
+    p = predicted.numpy()
+    return torch.from_numpy(np.where(ww > 0, (1 - ww) * p + ww * v, p) + a)
 
 
 def check_config(cfg: LearnerConfig) -> None:

@@ -564,10 +564,9 @@ class Recommender:
         """The factor model's ratings ``p`` [E] with the item-neighbourhood correction blended
         in and the user-neighbourhood correction added."""
         nb = neighbours.Neighbours.of(self.state, self.config)
-        p = neighbours.blend(nb, self.state.seen.history, users, items, p, self.rating_range,
-                             self.backend)  # fmt: skip
         un = user_neighbours.UserNeighbours.of(self.state, self.config)
-        return user_neighbours.correct(un, users, items, p, self.backend)
+        return neighbours.corrected(nb, un.args() if un else None, self.state.seen.history,
+                                    users, items, p, self.rating_range, self.backend)  # fmt: skip
 
     def _ranking(self, ids: list[Id]) -> tuple[torch.Tensor, torch.Tensor, float,
                                                tuple[torch.Tensor, torch.Tensor], torch.Tensor,

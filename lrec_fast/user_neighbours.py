@@ -260,14 +260,6 @@ class UserNeighbours:
         return self.weight * c
 
 
-def correct(
-    un: UserNeighbours | None, users: torch.Tensor, items: torch.Tensor, predicted: torch.Tensor,
-    backend: str | None,
-) -> torch.Tensor:  # fmt: skip
-    """``predicted`` (float32 [E]) with the correction added (itself without ``un``)."""
-    return predicted if un is None else predicted + un.correction(users, items, backend)
-
-
 def settings(cfg: LearnerConfig) -> dict[str, Any]:
     """What a deployment's manifest keeps of the settings (``UserNeighbours.from_tables``)."""
     return {

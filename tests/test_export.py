@@ -201,8 +201,8 @@ def test_add_items_through_the_onnx_encoder(trained, deployed, torch_encoder, pr
     rows = torch.tensor([trained.state.users.index[u] for u in users])
     for c in range(len(ids)):
         new_row = torch.full((len(users),), n + c)
-        want[:, c] = knn.blend(nb, trained.state.seen.history, rows, new_row, want[:, c],
-                                      trained.rating_range, "torch")  # fmt: skip
+        want[:, c] = knn.corrected(nb, None, trained.state.seen.history, rows, new_row,
+                                   want[:, c], trained.rating_range, "torch")  # fmt: skip
     # plus the offset of each user's rating count class (new items have no residuals yet)
     counts = torch.tensor([len(trained.state.seen[a]) for a in rows.tolist()])
     by_class, _ = offsets.terms(trained.state, trained.config, counts, torch.zeros_like(counts))

@@ -11,7 +11,7 @@ import torch
 
 from lrec_fast import kernels
 from lrec_fast.kernels import reference as ref
-from lrec_fast.neighbours import history_rows
+from lrec_fast.neighbours import by_user, history_rows
 
 from .test_backends import rerank_case
 from .test_user_neighbours import histories, random_model
@@ -98,3 +98,35 @@ def test_rerank_blend_numba_matches_reference(rng, parts, b, m, depth):
         if w and b > 1:  # the corrections moved the blended scores (not the last user's)
             assert not torch.allclose(want[0], plain[0])
     assert torch.equal(scores, before[0]) and torch.equal(top, before[1])  # inputs untouched
+
+
+@pytest.mark.parametrize("parts", ["both", "item", "user"])
+@pytest.mark.parametrize(("b", "m"), [(1, 1), (5, 30), (9, 3), (0, 4)])
+def test_blend_terms_numba_matches_reference(rng, parts, b, m):
+    """The terms themselves (what predict adds): padding anywhere, repeated users, items past
+    the item-kNN table."""
+    seen, item_knn, user_knn = model(rng)
+    top = torch.from_numpy(rng.integers(-1, N_ITEMS, (b, m)))
+    users = torch.from_numpy(rng.integers(0, N_USERS, b))
+    if b > 1:
+        users[1] = users[0]
+    hist = history_rows(seen.history, users.numpy())
+    ik = item_knn if parts != "user" else None
+    uk = user_knn if parts != "item" else None
+    want = ref.blend_terms(top, users, m, hist, ik, uk)
+    got = kernels.blend_terms(top, users, m, hist, ik, uk, backend="numba")
+    for g, t in zip(got, want, strict=True):
+        assert g.shape == t.shape == (b, m) and g.dtype == torch.float32
+        torch.testing.assert_close(g, t, rtol=1e-6, atol=1e-6)
+        assert not g[top < 0].any()
+
+
+def test_pairs_by_user_round_trip(rng):
+    users = rng.integers(-1, 6, 40)
+    items = rng.integers(0, 50, 40)
+    distinct, top, (row, col) = by_user(users, items)
+    assert (distinct[row] == users).all() and (top[row, col] == items).all()
+    assert (top >= 0).sum() == 40 and list(distinct) == sorted(set(users.tolist()))
+    one, top1, (r1, c1) = by_user(np.full(3, 4), np.array([7, 7, 2]))
+    assert r1.tolist() == [0, 0, 0]
+    assert one.tolist() == [4] and top1.tolist() == [[7, 7, 2]] and c1.tolist() == [0, 1, 2]

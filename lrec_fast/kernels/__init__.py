@@ -13,7 +13,7 @@ update), ``advance_histories`` and ``softmax_step`` (the ranking head's update),
 ``item_neighbours`` and ``knn_predict`` (the neighbourhood correction of predicted ratings),
 ``user_neighbours`` and ``user_knn_predict`` (the user-neighbourhood correction),
 ``user_queries`` (``recommend``'s ranking queries), ``rerank_mf`` and ``rerank_blend`` (its
-re-rank by the predicted rating).
+re-rank by the predicted rating), ``blend_terms`` (both corrections of ``predict``).
 
 Implemented: triton (``triton_score.py``, ``triton_update.py``; runs CUDA tensors, or CPU
 tensors under ``TRITON_INTERPRET=1``, which is only for tests and never chosen automatically),
@@ -97,6 +97,7 @@ def _import(name: str) -> Backend:
             softmax_step=reference.softmax_step,
             rerank_mf=reference.rerank_mf,  # 30 candidates per query: no kernel launch pays
             rerank_blend=host.rerank_blend,
+            blend_terms=host.blend_terms,
             user_queries=reference.user_queries,  # a gather and a weighted sum: torch's own
             item_neighbours=host.item_neighbours,
             knn_predict=host.knn_predict,
@@ -173,6 +174,12 @@ def rerank_blend(scores, top, users, user_rows, *args, backend=None, **kwargs): 
     return impl.rerank_blend(scores, top, users, user_rows, *args, **kwargs)
 
 
+def blend_terms(top, users, depth, hist, item_knn, user_knn, *, backend=None):  # type: ignore[no-untyped-def]
+    """Dispatching neighbourhood terms of candidates; see ``reference.blend_terms``."""
+    impl = resolve_backend(backend, top.device).module
+    return impl.blend_terms(top, users, depth, hist, item_knn, user_knn)
+
+
 def item_neighbours(users, items, residuals, n_items, size, shrink, *, backend=None):  # type: ignore[no-untyped-def]
     """Dispatching ``item_neighbours``; see ``reference.item_neighbours``."""
     impl = resolve_backend(backend, users.device).module
@@ -200,6 +207,7 @@ __all__ = [
     "BackendUnavailable",
     "advance_histories",
     "available_backends",
+    "blend_terms",
     "item_neighbours",
     "knn_predict",
     "mf_adagrad_step",

@@ -1346,52 +1346,54 @@ def _blend_terms(
     val: np.ndarray, w: np.ndarray, add: np.ndarray,
 ) -> None:  # fmt: skip
     """``reference.blend_terms`` into val, w, add [B, m] (zeros): ``_knn_rows`` and
-    ``_user_knn_rows`` over the B x m candidate events in one compiled call."""
+    ``_user_knn_rows`` over the candidate events (padding left out) in one compiled call."""
     b, m = cand.shape
-    flat = np.empty(b * m, np.int64)
-    slots = np.empty(b * m, np.int64)
-    for e in range(b * m):
-        flat[e] = max(cand[e // m, e % m], 0)
-        slots[e] = e // m
+    n_ev = 0
+    for q in range(b):
+        for c in range(m):
+            n_ev += cand[q, c] >= 0
+    flat = np.empty(n_ev, np.int64)
+    slots = np.empty(n_ev, np.int64)
+    pos = np.empty(n_ev, np.int64)  # the event's place, q * m + c
+    e = 0
+    for q in range(b):
+        for c in range(m):
+            if cand[q, c] >= 0:
+                flat[e], slots[e], pos[e] = cand[q, c], q, q * m + c
+                e += 1
     if use_item:
-        out = np.zeros(b * m, np.float32)
-        has = np.zeros(b * m, np.bool_)
+        out = np.zeros(n_ev, np.float32)
+        has = np.zeros(n_ev, np.bool_)
         _knn_rows(indptr, h_items, h_ratings, h_ages, slots, flat, k_rows, k_sims, k_bias, k_mu,
                   k_user_reg, user_w, k_k, k_reg, nbr_w, lo, hi, where, out, has)  # fmt: skip
-        for e in range(b * m):
-            q, c = e // m, e % m
+        for e in range(n_ev):
+            q, c = pos[e] // m, pos[e] % m
             val[q, c] = out[e]
             n = np.float32(indptr[q + 1] - indptr[q])
-            if cand[q, c] >= 0 and n > 0:  # float32 throughout, as the reference
+            if n > 0:  # float32 throughout, as the reference
                 w[q, c] = np.float32(k_weight) * n / max(n + np.float32(ramp), np.float32(1e-12))
     if use_user:
-        users_e = np.empty(b * m, np.int64)
-        for e in range(b * m):
-            users_e[e] = users[e // m]
-        corr = np.zeros(b * m, np.float32)
+        users_e = np.empty(n_ev, np.int64)
+        for e in range(n_ev):
+            users_e[e] = users[slots[e]]
+        corr = np.zeros(n_ev, np.float32)
         _user_knn_rows(users_e, flat, u_rows, u_sims, start, count, r_users, r_ratings,
                        user_base, item_base, u_k, u_reg, where, corr)  # fmt: skip
-        for e in range(b * m):
-            if cand[e // m, e % m] >= 0:
-                add[e // m, e % m] = np.float32(u_weight) * corr[e]
+        for e in range(n_ev):
+            add[pos[e] // m, pos[e] % m] = np.float32(u_weight) * corr[e]
 
 
-def rerank_blend(
-    scores: torch.Tensor, top: torch.Tensor, users: torch.Tensor, user_rows: torch.Tensor,
-    item_rows: torch.Tensor, user_bias: torch.Tensor, item_bias: torch.Tensor,
-    scales: torch.Tensor, mu: torch.Tensor, weight: float, depth: int, hist: History | None,
+def blend_terms(
+    top: torch.Tensor, users: torch.Tensor, depth: int, hist: History | None,
     item_knn: ItemKnn | None, user_knn: UserKnn | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``reference.rerank_blend``: both corrections' terms in one compiled call, then
-    ``rerank_mf`` (a recommend's glue between three kernels cost more than the kernels)."""
-    depth = min(depth, top.shape[1])
+    """``reference.blend_terms`` in one compiled call."""
+    cand = np.ascontiguousarray(_i64(top)[:, :depth])
+    nb, m = cand.shape
+    val, w, add = (np.zeros((nb, m), np.float32) for _ in range(3))
     if item_knn is None or hist is None:
         item_knn = hist = None
-    knn = None
-    if weight and depth and top.shape[0] and (item_knn is not None or user_knn is not None):
-        cand = np.ascontiguousarray(_i64(top)[:, :depth])
-        nb = cand.shape[0]
-        val, w, add = (np.zeros((nb, depth), np.float32) for _ in range(3))
+    if cand.size and (item_knn is not None or user_knn is not None):
         zi, zf, zd = np.zeros(1, np.int64), np.zeros(1, np.float32), np.zeros(1)
         need = 1
         # an absent part: empty tables and settings the kernel never reads
@@ -1416,6 +1418,21 @@ def rerank_blend(
         args = (cand, _i64(users), *h, item_knn is not None, *ik, user_knn is not None, *uk,
                 _positions(need), val, w, add)  # fmt: skip
         _blend_terms(*args)
-        knn = (torch.from_numpy(val), torch.from_numpy(w), torch.from_numpy(add))
+    return torch.from_numpy(val), torch.from_numpy(w), torch.from_numpy(add)
+
+
+def rerank_blend(
+    scores: torch.Tensor, top: torch.Tensor, users: torch.Tensor, user_rows: torch.Tensor,
+    item_rows: torch.Tensor, user_bias: torch.Tensor, item_bias: torch.Tensor,
+    scales: torch.Tensor, mu: torch.Tensor, weight: float, depth: int, hist: History | None,
+    item_knn: ItemKnn | None, user_knn: UserKnn | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``reference.rerank_blend``: both corrections' terms in one compiled call
+    (``blend_terms``), then ``rerank_mf`` (a recommend's glue between three kernels cost more
+    than the kernels)."""
+    depth = min(depth, top.shape[1])
+    knn = None
+    if weight and depth and top.shape[0] and (item_knn is not None or user_knn is not None):
+        knn = blend_terms(top, users, depth, hist, item_knn, user_knn)
     return rerank_mf(scores, top, users, user_rows, item_rows, user_bias, item_bias, scales, mu,
                      weight, depth, knn)  # fmt: skip

@@ -773,9 +773,8 @@ def blend_terms(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``rerank_mf``'s ``knn`` for the first min(``depth``, m) candidates of ``top`` [B, m]
     (query b: user row ``users[b]``, history row b of ``hist``): the item-kNN predictions,
-    their blend weights (0 for a user without ratings and for padding) and the weighted
-    user-kNN corrections (0 for padding), float32 [B, depth] each; zeros for a part that is
-    None."""
+    their blend weights (0 for a user without ratings) and the weighted user-kNN corrections,
+    float32 [B, depth] each, all three 0 for padding (-1); zeros for a part that is None."""
     cand = top[:, :depth]
     b, m = cand.shape
     valid = cand >= 0
@@ -788,7 +787,8 @@ def blend_terms(
                            item_knn.reg, item_knn.decay, item_knn.lo, item_knn.hi)  # fmt: skip
         n = (hist.indptr[1:] - hist.indptr[:-1])[slots].float()
         nw = item_knn.weight * n / (n + item_knn.ramp).clamp_min(1e-12)
-        val, w = v.view(b, m), torch.where(valid & (n > 0).view(b, m), nw.view(b, m), 0.0)
+        val = torch.where(valid, v.view(b, m), 0.0)
+        w = torch.where(valid & (n > 0).view(b, m), nw.view(b, m), 0.0)
     if user_knn is not None and flat.numel():
         c = user_knn_predict(users.repeat_interleave(m), flat, user_knn.rows, user_knn.sims,
                              user_knn.raters, user_knn.user_base, user_knn.item_base, user_knn.k,
