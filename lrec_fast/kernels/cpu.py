@@ -40,6 +40,7 @@ from .reference import (
     UserKnn,
     check_csr,
     check_score_args,
+    rerank_blend_from,
     steps_from,
 )
 
@@ -1421,18 +1422,6 @@ def blend_terms(
     return torch.from_numpy(val), torch.from_numpy(w), torch.from_numpy(add)
 
 
-def rerank_blend(
-    scores: torch.Tensor, top: torch.Tensor, users: torch.Tensor, user_rows: torch.Tensor,
-    item_rows: torch.Tensor, user_bias: torch.Tensor, item_bias: torch.Tensor,
-    scales: torch.Tensor, mu: torch.Tensor, weight: float, depth: int, hist: History | None,
-    item_knn: ItemKnn | None, user_knn: UserKnn | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``reference.rerank_blend``: both corrections' terms in one compiled call
-    (``blend_terms``), then ``rerank_mf`` (a recommend's glue between three kernels cost more
-    than the kernels)."""
-    depth = min(depth, top.shape[1])
-    knn = None
-    if weight and depth and top.shape[0] and (item_knn is not None or user_knn is not None):
-        knn = blend_terms(top, users, depth, hist, item_knn, user_knn)
-    return rerank_mf(scores, top, users, user_rows, item_rows, user_bias, item_bias, scales, mu,
-                     weight, depth, knn)  # fmt: skip
+# both corrections' terms in one compiled call, then rerank_mf (a recommend's glue between
+# three kernel calls cost more than the kernels)
+rerank_blend = rerank_blend_from(blend_terms, rerank_mf)

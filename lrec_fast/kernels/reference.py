@@ -797,18 +797,29 @@ def blend_terms(
     return val, w, add
 
 
-def rerank_blend(
-    scores: torch.Tensor, top: torch.Tensor, users: torch.Tensor, user_rows: torch.Tensor,
-    item_rows: torch.Tensor, user_bias: torch.Tensor, item_bias: torch.Tensor,
-    scales: torch.Tensor, mu: torch.Tensor, weight: float, depth: int, hist: History | None,
-    item_knn: ItemKnn | None, user_knn: UserKnn | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``rerank_mf`` by the rating ``predict`` gives (offsets aside): the factor model's,
-    blended with the item-kNN prediction and plus the user-kNN correction (``blend_terms``;
-    either may be None). Returns new tensors (scores, top, shift)."""
-    depth = min(depth, top.shape[1])
-    knn = None
-    if weight and depth and top.shape[0] and (item_knn is not None or user_knn is not None):
-        knn = blend_terms(top, users, depth, hist, item_knn, user_knn)
-    return rerank_mf(scores, top, users, user_rows, item_rows, user_bias, item_bias, scales, mu,
-                     weight, depth, knn)  # fmt: skip
+def rerank_blend_from(
+    terms: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    rerank: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """A backend's ``rerank_blend`` from its ``blend_terms`` and ``rerank_mf``."""
+
+    def rerank_blend(
+        scores: torch.Tensor, top: torch.Tensor, users: torch.Tensor, user_rows: torch.Tensor,
+        item_rows: torch.Tensor, user_bias: torch.Tensor, item_bias: torch.Tensor,
+        scales: torch.Tensor, mu: torch.Tensor, weight: float, depth: int,
+        hist: History | None, item_knn: ItemKnn | None, user_knn: UserKnn | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """``rerank_mf`` by the rating ``predict`` gives (offsets aside): the factor model's,
+        blended with the item-kNN prediction and plus the user-kNN correction
+        (``blend_terms``; either may be None). Returns new tensors (scores, top, shift)."""
+        depth = min(depth, top.shape[1])
+        knn = None
+        if weight and depth and top.shape[0] and (item_knn is not None or user_knn is not None):
+            knn = terms(top, users, depth, hist, item_knn, user_knn)
+        return rerank(scores, top, users, user_rows, item_rows, user_bias, item_bias, scales,
+                      mu, weight, depth, knn)  # fmt: skip
+
+    return rerank_blend
+
+
+rerank_blend = rerank_blend_from(blend_terms, rerank_mf)
