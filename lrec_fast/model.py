@@ -315,6 +315,9 @@ class ModelState:
     knn_sims: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
     knn_bias: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     knn_mu: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.float64))
+    # 1: a refit ended inside feedback and both neighbourhoods' recompute waits for the next
+    # feedback call (not the same call as that period's consolidation); 0: none pending.
+    knn_pending: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.int64))
     # Residual offsets (offsets.py): per user count class and per item row, the sum of the
     # stream's prequential residuals and their count (float64 [N_CLASSES, 2], [n_items, 2]).
     offset_class: torch.Tensor = field(
@@ -515,7 +518,8 @@ class ModelState:
             "since_consolidation": self.since_consolidation, "rng_state": self.rng.get_state(),
             "scales": self.scales, "mu": self.mu, "proj": self.proj,
             "knn_rows": self.knn_rows, "knn_sims": self.knn_sims, "knn_bias": self.knn_bias,
-            "knn_mu": self.knn_mu, "offset_class": self.offset_class,
+            "knn_mu": self.knn_mu, "knn_pending": self.knn_pending,
+            "offset_class": self.offset_class,
             "offset_item": self.offset_item.t, "uknn_rows": self.uknn_rows.t,
             "uknn_sims": self.uknn_sims.t, "uknn_counts": self.uknn_counts.t,
             "uknn_sweep": self.uknn_sweep,
@@ -585,6 +589,7 @@ class ModelState:
         self.knn_sims = t.get("knn_sims", torch.zeros(0, 0)).clone()
         self.knn_bias = t.get("knn_bias", torch.zeros(0)).clone()
         self.knn_mu = t.get("knn_mu", torch.zeros(1, dtype=torch.float64)).clone()
+        self.knn_pending = t.get("knn_pending", torch.zeros(1, dtype=torch.int64)).clone()
         # checkpoints before the residual offsets: none learned yet
         self.offset_class = t.get(
             "offset_class", torch.zeros(N_CLASSES, 2, dtype=torch.float64)
@@ -725,6 +730,7 @@ def load_state(directory: str | Path) -> tuple[ModelState, dict[str, Any]]:
     if not (
         kr.dim() == 2 and state.knn_sims.shape == kr.shape and kr.shape[0] <= len(state.items)
         and state.knn_bias.shape == (kr.shape[0],) and state.knn_mu.shape == (1,)
+        and state.knn_pending.shape == (1,) and int(state.knn_pending) in (0, 1)
         and (kr.numel() == 0 or (int(kr.min()) >= -1 and int(kr.max()) < kr.shape[0]))
         and bool(torch.isfinite(state.knn_sims).all() and torch.isfinite(state.knn_bias).all())
     ):  # fmt: skip

@@ -350,6 +350,7 @@ class Recommender:
     def _recompute_neighbours(self, spread: bool = False) -> None:
         """Both neighbourhood corrections from every rating (the fit's and each refit's end);
         with ``spread``, the user lists over the next feedback calls (a sweep)."""
+        self.state.knn_pending.zero_()
         neighbours.recompute(self.state, self.config, self.backend)
         if spread:
             user_neighbours.start_sweep(self.state, self.config)
@@ -439,6 +440,8 @@ class Recommender:
             st.log((ui, ii, r), cfg.refit_log_size)
             st.since_refit += n
             self.state.seen.add(ui.tolist(), ii.tolist(), r.tolist())
+            if int(st.knn_pending):  # a refit ended in an earlier call
+                self._recompute_neighbours(spread=True)
             user_neighbours.refresh(st, cfg, ui, self.backend)  # these users' lists, now
             user_neighbours.sweep(st, cfg, n, self.backend)  # a refit's end's, over calls
             if 0 < cfg.consolidate_every <= int(st.since_consolidation):
@@ -454,12 +457,18 @@ class Recommender:
 
     def _advance_refit(self, budget: float, spread: bool = False) -> RefitReport | None:
         """Step the running refit by ``budget`` events; at its end the text priors and both
-        neighbourhoods' recomputes (with ``spread``, the user lists over the next calls)."""
+        neighbourhoods' recomputes. With ``spread`` (inside ``feedback``) the recomputes wait
+        for the next feedback call (``knn_pending``; a refit ends in the call that runs that
+        period's consolidation, and one call doing both was the longest) and remake the user
+        lists over the calls after it."""
         report = consolidation.refit_advance(self.state, budget, self.config, self.backend,
                                              self.rating_range)  # fmt: skip
         if report is not None:
             self._refresh_text_priors()
-            self._recompute_neighbours(spread)
+            if spread:
+                self.state.knn_pending.fill_(1)
+            else:
+                self._recompute_neighbours()
             self.last_refit = report
             self.state.counters["refits"] += 1
             log.info("refit: %s", report)

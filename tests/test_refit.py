@@ -230,16 +230,55 @@ def test_config_is_checked(key):
 
 
 def test_each_refit_end_is_processed_once(stream, monkeypatch):
-    """The call whose share ends a refit also starts the next one: the end's work (text priors,
-    the item kNN's recompute) runs once there, not again for the refit that already ended."""
+    """The call whose share ends a refit also starts the next one: the end's work runs once,
+    not again for the refit that already ended; its neighbourhood recompute runs in the next
+    call (a refit ends in the call that runs that period's consolidation), pending in the
+    checkpoint meanwhile."""
     from lrec_fast import neighbours
 
     rec = streamed(stream, n=0, refit_every=300, consolidate_every=0)
-    calls = []
+    calls, ends, pending = [], [], []
     real = neighbours.recompute
-    monkeypatch.setattr(neighbours, "recompute", lambda *a: calls.append(1) or real(*a))
-    for s in range(1500, 2400, 100):
+    monkeypatch.setattr(neighbours, "recompute",
+                        lambda *a: calls.append(len(ends)) or real(*a))  # fmt: skip
+    for c, s in enumerate(range(1500, 2500, 100), start=1):
+        ev = stream.events.take(slice(s, s + 100))
+        before = rec.last_refit
+        ends.append(c)
+        rec.feedback(ev.user, ev.item, ev.rating)
+        if rec.last_refit is not before:
+            pending.append(c)
+            assert int(rec.state.knn_pending) == 1
+        else:
+            assert int(rec.state.knn_pending) == 0
+    # ends in the 3rd call (the empty job before any refit), the 6th and the 9th; each
+    # recompute in the call after
+    assert rec.stats()["refits"] == 3 and pending == [3, 6, 9] and calls == [4, 7, 10]
+
+
+def test_a_pending_recompute_survives_a_checkpoint(stream, tmp_path):
+    """Saved between the call that ended a refit and the next: the loaded model recomputes
+    in its next call as the running one does (bit for bit); old checkpoints load with none
+    pending, a malformed flag is refused."""
+    from .conftest import reloaded, rewritten_checkpoint
+
+    rec = streamed(stream, n=0, refit_every=300, consolidate_every=0)
+    for s in range(1500, 1800, 100):  # the 3rd call ends the first (empty) refit
         ev = stream.events.take(slice(s, s + 100))
         rec.feedback(ev.user, ev.item, ev.rating)
-    # ends in the 3rd call (the empty job before any refit), the 6th and the 9th
-    assert rec.stats()["refits"] == 3 and len(calls) == 3
+    assert int(rec.state.knn_pending) == 1
+    again = reloaded(rec, tmp_path / "ck", [0, 1], list(stream.item_ids[:2]))
+    ev = stream.events.take(slice(1800, 1900))
+    for r in (rec, again):
+        r.feedback(ev.user, ev.item, ev.rating)
+        assert int(r.state.knn_pending) == 0
+    assert_same_bits(state_bits(rec), state_bits(again))
+    old = Recommender.load(rewritten_checkpoint(rec, tmp_path / "old",
+                                                drop=lambda k: k == "knn_pending"))  # fmt: skip
+    assert int(old.state.knn_pending) == 0
+
+    def damage(t: dict[str, torch.Tensor]) -> None:
+        t["knn_pending"] = torch.tensor([2])
+
+    with pytest.raises(ValueError, match="item neighbours"):
+        Recommender.load(rewritten_checkpoint(rec, tmp_path / "bad", edit=damage))
