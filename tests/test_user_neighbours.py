@@ -372,35 +372,33 @@ def test_raters_without_numba_match(rng, monkeypatch):
 
 
 def test_a_refit_end_in_feedback_remakes_the_lists_over_the_next_calls(stream, tmp_path):
-    """A refit that ends inside feedback recomputes the baseline at once and remakes every
-    user's list over the next calls, ceil(60 users x 100 events / refit_every 300) = 20 user
-    rows a call, each slice as a recompute at that moment makes it; a checkpoint resumes the
-    sweep; refit() remakes them whole, now."""
+    """A refit that ends inside feedback leaves the recompute to the next call, which
+    recomputes the baseline and starts remaking every user's list: ceil(60 users x 100
+    events / refit_every 300) = 20 user rows a call, that call's too, each slice as a
+    recompute at that moment makes it; a checkpoint resumes the sweep; refit() remakes them
+    whole, now."""
     rec = streamed(stream, n=0, refit_every=300, consolidate_every=0)
     st, cfg = rec.state, rec.config
     assert int(st.uknn_sweep) == -1  # the fit recomputed every list itself
     seen_slices = []
     for s in range(1500, 2500, 100):
         ev = stream.events.take(slice(s, s + 100))
-        pos, ended = int(st.uknn_sweep), rec.last_refit
+        pos, ended, pending = int(st.uknn_sweep), rec.last_refit, int(st.knn_pending)
         lists = st.uknn_rows.t.clone()
         rec.feedback(ev.user, ev.item, ev.rating)
         callers = {st.users.index[u] for u in ev.user}
-        if pos >= 0:
-            seen_slices.append((pos, min(60, pos + 20)))
-        if pos >= 0 and rec.last_refit is ended:  # (a refit's end moves the baseline after)
-            end = min(60, pos + 20)
+        start = 0 if pending else pos  # (a pending recompute starts a sweep first)
+        if start >= 0:
+            end = min(60, start + 20)
+            seen_slices.append((start, end))
             made = st.uknn_rows.t.clone(), st.uknn_sims.t.clone()
-            user_neighbours.refresh(st, cfg, torch.arange(pos, end), "numba", every=True)
+            user_neighbours.refresh(st, cfg, torch.arange(start, end), "numba", every=True)
             assert torch.equal(made[0], st.uknn_rows.t) and torch.equal(made[1], st.uknn_sims.t)
-        if pos >= 0:
-            callers |= set(range(pos, min(60, pos + 20)))
+            callers |= set(range(start, end))
         others = [a for a in range(60) if a not in callers]
         assert torch.equal(st.uknn_rows.t[others], lists[others])  # nobody else's list moved
-        if rec.last_refit is not ended:  # a refit ended in this call: a sweep starts
-            assert int(st.uknn_sweep) == 0
-        else:
-            assert int(st.uknn_sweep) == (-1 if pos < 0 or pos + 20 >= 60 else pos + 20)
+        assert int(st.uknn_sweep) == (-1 if start < 0 or start + 20 >= 60 else start + 20)
+        assert int(st.knn_pending) == (rec.last_refit is not ended)
     assert (0, 20) in seen_slices and (40, 60) in seen_slices
     if int(st.uknn_sweep) < 0:  # (mid-sweep for the checkpoint below)
         rec.state.uknn_sweep.fill_(20)
@@ -425,14 +423,14 @@ def test_without_the_sweep_a_refit_end_leaves_other_users_lists(stream):
     for s in range(1500, 2300, 100):
         ev = stream.events.take(slice(s, s + 100))
         ended, lists = rec.last_refit, st.uknn_rows.t.clone()
-        bases = st.uknn_bases
+        bases, pending = st.uknn_bases, int(st.knn_pending)
         rec.feedback(ev.user, ev.item, ev.rating)
         ends += rec.last_refit is not ended
         assert int(st.uknn_sweep) == -1
         others = [a for a in range(60) if a not in {st.users.index[u] for u in ev.user}]
         assert torch.equal(st.uknn_rows.t[others], lists[others])
-        if rec.last_refit is not ended:  # the baseline moved: the user biases follow it
-            assert bases is None or st.uknn_bases is not bases
+        if pending:  # the baseline moved in this call: the user biases were rebuilt
+            assert st.uknn_bases is not None and st.uknn_bases is not bases
     assert ends >= 2
     with pytest.raises(ValueError, match="uknn_sweep"):
         Recommender(uknn_sweep=1, encoder="hashing-64")
