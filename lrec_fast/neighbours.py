@@ -6,7 +6,8 @@ per event; a neighbourhood model reads the user's own ratings directly: "you rat
 similar films 1 above what the baseline expected". It is strongest exactly where the stream
 is weakest, for users with tens of ratings, and it takes each new rating in at once (the
 user's ratings are read when predicting). Recomputed (``recompute``) at the end of the warm-up
-fit and of each refit, from every user's latest rating of each item (of their newest
+fit and of each refit (in the next call for a refit that ends inside ``feedback``: its call
+runs that period's consolidation too), from every user's latest rating of each item (of their newest
 ``knn_history_cap``, which bounds the cost for users with thousands of ratings):
 
 1. a baseline mu + b_u + b_i: the mean, then ``BASELINE_ROUNDS`` alternating ridge solves of
