@@ -124,7 +124,8 @@ class Neighbours:
                    cfg.knn_decay, cfg.knn_ramp)  # fmt: skip
 
     def args(self, clip: tuple[float, float]) -> kernels.reference.ItemKnn:
-        """What ``kernels.rerank_blend`` takes of it (``clip``: the rating range)."""
+        """What ``kernels.blend_terms`` and ``rerank_blend`` take of it (``clip``: the rating
+        range)."""
         return kernels.reference.ItemKnn(self.rows, self.sims, self.bias, self.mu,
                                          self.user_reg, self.user_decay, self.k, self.reg,
                                          self.decay, clip[0], clip[1], self.weight,

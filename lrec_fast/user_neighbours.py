@@ -243,7 +243,7 @@ class UserNeighbours:
                    float(settings["reg"]))  # fmt: skip
 
     def args(self) -> kernels.reference.UserKnn:
-        """What ``kernels.rerank_blend`` takes of it."""
+        """What ``kernels.blend_terms`` and ``rerank_blend`` take of it."""
         return kernels.reference.UserKnn(self.rows, self.sims, self.raters, self.user_base,
                                          self.item_base, self.k, self.reg,
                                          self.weight)  # fmt: skip
