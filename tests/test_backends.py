@@ -382,6 +382,8 @@ def test_user_queries_match_reference(backend, rng, n_users, length, b, d):
     assert not got[users < 0].any()
     if n_users:
         assert not got[users == 0].any()  # user 0's history is empty
+    if n_users > 1 and ((users > 0) & (recent[users.clamp_min(0)] >= 0).any(1)).any():
+        assert got.abs().sum() > 0  # (not zeros on both sides)
 
 
 def test_parallel_and_serial_scans_cache_apart():
