@@ -472,16 +472,6 @@ def range_loss(clip: tuple[float, float] | None) -> float:
     return (clip[1] - clip[0]) ** 2 if clip is not None else math.inf
 
 
-def mse_and_rmse(
-    state: ModelState, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
-    clip: tuple[float, float] | None,
-) -> tuple[float, float]:  # fmt: skip
-    """One prediction pass over the events: (the MSE of the raw predictions, the RMSE of the
-    clipped ones), as ``mse`` and ``rmse`` would give them."""
-    p = _predictions(state, users, items)
-    return _mean_sq(p, ratings, None), math.sqrt(_mean_sq(p, ratings, clip))
-
-
 def rmse(state: ModelState, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
          clip: tuple[float, float] | None = None) -> float:  # fmt: skip
     """Root mean squared error of the model's predictions (optionally clipped to the range)."""

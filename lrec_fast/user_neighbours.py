@@ -248,17 +248,6 @@ class UserNeighbours:
                                          self.item_base, self.k, self.reg,
                                          self.weight)  # fmt: skip
 
-    def correction(self, users: torch.Tensor, items: torch.Tensor,
-                   backend: str | None) -> torch.Tensor:  # fmt: skip
-        """The amount (float32 [E]) to add to the predicted ratings of user rows ``users``
-        (-1: unknown) and item rows ``items``."""
-        if items.numel() == 0:
-            return torch.zeros(0)
-        c = kernels.user_knn_predict(users, items, self.rows, self.sims, self.raters,
-                                     self.user_base, self.item_base, self.k, self.reg,
-                                     backend=backend)  # fmt: skip
-        return self.weight * c
-
 
 def settings(cfg: LearnerConfig) -> dict[str, Any]:
     """What a deployment's manifest keeps of the settings (``UserNeighbours.from_tables``)."""
