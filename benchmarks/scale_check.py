@@ -4,9 +4,11 @@ popularity: one item takes about 15% of all ratings). Fit on the first 400,000 o
 events, then test-then-train on the next ``--events`` in calls of 100, beside the same fitted
 model left static. Prints what a service owner asks first: does the stream keep learning
 (rejected calls, RMSE against the static model), and what each call costs (mean, p50, p90,
-max, the refit ends included).
+max, the refit ends included); with ``--readers``, also what answers wait while the stream
+learns: recommend(B = 1) latency from another thread throughout (the calls then share the
+2 cores with it).
 
-    python -m benchmarks.scale_check [--events 20000] [--set uknn_max_raters=1000]   # ~2 min
+    python -m benchmarks.scale_check [--events 20000] [--set uknn_max_raters=1000] [--readers]
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import argparse
 import json
 import statistics
 import tempfile
+import threading
 import time
 
 import numpy as np
 
+from benchmarks.concurrency_check import percentiles, readers
 from lrec_fast import DivergenceError, Recommender
 from lrec_fast.data import make_stream
 
@@ -34,6 +38,8 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=20_000, help="stream events after the fit")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a learner setting (e.g. uknn_max_raters=1000), repeatable")  # fmt: skip
+    ap.add_argument("--readers", action="store_true",
+                    help="recommend from another thread while the stream learns")  # fmt: skip
     args = ap.parse_args()
     settings = {k: json.loads(v) for k, v in (x.split("=", 1) for x in args.set)}
     if not 0 < args.events <= N_ALL - N_FIT:
@@ -51,6 +57,10 @@ def main() -> None:
         rec.save(tmp)
         static = Recommender.load(tmp)
     sq, sq_static, calls, rejected = [], [], [], 0
+    done, lat = threading.Event(), []
+    reader = threading.Thread(target=lambda: lat.extend(readers(rec, done.is_set)))
+    if args.readers:
+        reader.start()
     for s in range(N_FIT, N_FIT + args.events, 100):
         u, i, r = ev.user[s : s + 100], ev.item[s : s + 100], ev.rating[s : s + 100]
         sq.append((np.clip(rec.predict(u, i), 1, 5) - r) ** 2)
@@ -61,12 +71,17 @@ def main() -> None:
         except DivergenceError:
             rejected += 1
         calls.append(time.perf_counter() - t0)
+    done.set()
+    if args.readers:
+        reader.join()
     rmse, rmse_static = (float(np.sqrt(np.concatenate(x).mean())) for x in (sq, sq_static))
     print(f"stream of {args.events:,} events: RMSE {rmse:.4f} (static model {rmse_static:.4f}), "
           f"{rejected} of {len(calls)} calls rejected")  # fmt: skip
     print(f"feedback(100): mean {1e3 * float(np.mean(calls)):.1f} ms, p50 {ms(calls, 50):.1f}"
           f" ms, p90 {ms(calls, 90):.1f} ms, max {1e3 * max(calls):.0f} ms (refit ends"
           " included)")  # fmt: skip
+    if args.readers:
+        print(f"recommend B=1 from another thread meanwhile: {percentiles(lat)}")
     st = rec.stats()  # (the fit's steps included)
     print(f"rating steps: {st['steps']:,}, {st['steps_backtracked'] / max(st['steps'], 1):.0%} of "
           f"them backtracked ({st['step_halvings']:,} halvings), {st['steps_rejected']} rejected; "

@@ -541,19 +541,19 @@ class ModelState:
         if t["user_recent"].shape[1:] != (self.history_len,):
             raise ValueError(f"user histories of length {tuple(t['user_recent'].shape[1:])}, "
                              f"expected {self.history_len}")  # fmt: skip
-        for name in self.ROW_TABLES:
-            getattr(self, name).set(t[name].clone())
+        for name in self.ROW_TABLES:  # (Rows.set copies)
+            getattr(self, name).set(t[name])
         # checkpoints before the window was saved start with an empty one
         for name in self.WINDOW_TABLES:
             if name in t:
-                getattr(self, name).set(t[name].clone())
+                getattr(self, name).set(t[name])
             else:
                 getattr(self, name).n = 0
         # snapshots leave the log out (it is kept as it is); checkpoints before it existed
         # start with an empty one (a fresh state's)
         for name in self.LOG_TABLES:
             if name in t:
-                getattr(self, name).set(t[name].clone())
+                getattr(self, name).set(t[name])
         zero = torch.zeros(1, dtype=torch.int64)
         self.since_consolidation = t.get("since_consolidation", zero).clone()
         self.since_refit = t.get("since_refit", self.since_refit).clone()
@@ -595,15 +595,13 @@ class ModelState:
             "offset_class", torch.zeros(N_CLASSES, 2, dtype=torch.float64)
         ).clone()
         n_items = self.item_rows.n
-        self.offset_item.set(
-            t.get("offset_item", torch.zeros(n_items, 2, dtype=torch.float64)).clone()
-        )
+        self.offset_item.set(t.get("offset_item", torch.zeros(n_items, 2, dtype=torch.float64)))
         # checkpoints before the user-neighbourhood correction: no lists
         rows = t.get("uknn_rows", torch.zeros(0, 0, dtype=torch.int64))
         self.uknn_rows = Rows(rows.shape[1], torch.int64)
         self.uknn_sims = Rows(rows.shape[1], torch.float32)
-        self.uknn_rows.set(rows.clone())
-        self.uknn_sims.set(t.get("uknn_sims", torch.zeros(0, 0)).clone())
+        self.uknn_rows.set(rows)
+        self.uknn_sims.set(t.get("uknn_sims", torch.zeros(0, 0)))
         # (checkpoints before the lazy refresh: 0, so each user's next call refreshes theirs)
         self.uknn_counts = Rows(None, torch.int64)
         self.uknn_counts.set(t.get("uknn_counts", torch.zeros(rows.shape[0], dtype=torch.int64)))
@@ -649,6 +647,30 @@ class ModelState:
         self.users, self.items = IdMap(snap["users"]), IdMap(snap["items"])
         self.load_tensors(snap["tensors"], seen=snap["seen"])
         self.proj_fitted = snap["proj_fitted"]
+
+    def fork(self) -> ModelState:
+        """A copy for long work that answers must not wait for (a consolidation, a whole refit,
+        made while they read this state), published with ``adopt`` in O(1), or dropped to roll
+        it back. Copied: all that a ``snapshot(seen=False)`` holds, the counters and the cached
+        user-kNN bases; shared, since that work only reads them: the seen items and the event
+        log. One copy of the tables (``restore`` of a snapshot makes two)."""
+        twin = ModelState(self.dim, self.text_dim, self.history_len)
+        twin.users, twin.items = IdMap(self.users.ids), IdMap(self.items.ids)
+        shared = (*self.LOG_TABLES, "log_dropped")
+        twin.load_tensors({k: v for k, v in self.tensors(seen=False).items() if k not in shared},
+                          seen=self.seen)  # fmt: skip
+        for name in shared:
+            setattr(twin, name, getattr(self, name))
+        twin.proj_fitted, twin.refit_seconds = self.proj_fitted, self.refit_seconds
+        twin.refit_order, twin.counters = self.refit_order, Counter(self.counters)
+        bases = self.uknn_bases
+        twin.uknn_bases = None if bases is None else (bases[0].copy(), bases[1].copy())
+        return twin
+
+    def adopt(self, twin: ModelState) -> None:
+        """Become ``twin`` (a ``fork`` of this state that work has changed): O(1), so the
+        state's identity stays what callers hold."""
+        self.__dict__.update(twin.__dict__)
 
 
 def save_state(directory: str | Path, state: ModelState, config: dict[str, Any]) -> None:

@@ -79,19 +79,32 @@ def recompute(state: ModelState, cfg: LearnerConfig, backend: str) -> None:
     """Recompute the baseline and every item's neighbours from the users' ratings (module doc);
     the baseline alone when only the user-neighbourhood correction reads it, nothing when both
     are off or no rating is known."""
+    install(state, compute(state, cfg, backend))
+
+
+def compute(state: ModelState, cfg: LearnerConfig, backend: str) -> dict[str, torch.Tensor]:
+    """``recompute``'s new tables (``ModelState.knn_*``; {} when it keeps the old ones),
+    without changing the state: answers may read it meanwhile (``Recommender.feedback``)."""
     if cfg.knn_weight == 0 and cfg.uknn_weight == 0:
-        return
+        return {}
     users, items, ratings = _rated(state, cfg.knn_history_cap)
     if ratings.numel() == 0:
-        return
+        return {}
     n_items = len(state.items)
     mu, b_u, b_i = baseline(users, items, ratings, len(state.users), n_items, cfg)
+    out = {"knn_bias": b_i.float(), "knn_mu": torch.tensor([mu], dtype=torch.float64)}
     if cfg.knn_weight > 0:
         residuals = ratings - mu - b_u[users] - b_i[items]
-        state.knn_rows, state.knn_sims = kernels.item_neighbours(
+        out["knn_rows"], out["knn_sims"] = kernels.item_neighbours(
             users, items, residuals, n_items, cfg.knn_size, cfg.knn_shrink, backend=backend
         )
-    state.knn_bias, state.knn_mu = b_i.float(), torch.tensor([mu], dtype=torch.float64)
+    return out
+
+
+def install(state: ModelState, tables: dict[str, torch.Tensor]) -> None:
+    """Put ``compute``'s tables in the state."""
+    for name, t in tables.items():
+        setattr(state, name, t)
 
 
 History = Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]]

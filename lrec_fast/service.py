@@ -3,10 +3,11 @@ dispatching kernels."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +178,11 @@ class Recommender:
         text_dim = encoder.dim if isinstance(encoder, TextEncoder) else self._text_dim_of(encoder)
         self.state = ModelState(dim=dim, text_dim=text_dim, history_len=self.config.history_len)
         self.state.rng.manual_seed(self.config.seed)
+        # Two locks: the model lock (answers, and every write to the state they read) and the
+        # writers' lock (one mutating call at a time). A mutator's long parts run holding only
+        # the second: they read the state, or work on a fork of it, and publish under the first.
         self._lock = threading.RLock()
+        self._writing = threading.RLock()
         self.last_refit: RefitReport | None = None  # the latest ended refit's report
         self._terms: tuple[Any, tuple[Any, ...], list[torch.Tensor | None]] | None = None
         log.info("Recommender: backend %s, dim %d", self._backend.name, dim)
@@ -240,11 +245,16 @@ class Recommender:
             raise ValueError("texts must be a sequence with one str per item id")
         if len(set(ids)) != len(ids):
             raise ValueError("item_ids contains duplicates")
-        known = [i for i in ids if i in self.state.items]
-        if known:
-            raise ValueError(f"items already in the catalogue: {known[:5]}")
+
+        def check_new() -> None:
+            known = [i for i in ids if i in self.state.items]
+            if known:
+                raise ValueError(f"items already in the catalogue: {known[:5]}")
+
+        check_new()
         emb = torch.from_numpy(self.encoder.encode(list(texts)))  # validates the texts
-        with self._lock:
+        with self._writing, self._lock:
+            check_new()  # (again: another call may have added them meanwhile)
             self._terms = None  # the item terms change
             self._append_items(ids, emb)
 
@@ -318,8 +328,9 @@ class Recommender:
     def fit(self, users: Any, items: Any, ratings: Any) -> FitReport:
         """Warm-up training on events given in time order (see ``online.fit``: early stopping on
         the most recent 10%). Items must be in the catalogue; users are added. Items that no
-        event touched then take their text prior from the refitted projection."""
-        with self._lock:
+        event touched then take their text prior from the refitted projection. Runs under the
+        model lock (answers wait for it)."""
+        with self._writing, self._lock:
             self._terms = None  # the item terms change
             u, i, r, _ = self._prepare(users, items, ratings, None)
             snap = self.state.snapshot(seen=False)
@@ -337,32 +348,44 @@ class Recommender:
                     )
                 online.reservoir_add(self.state, ui, ii, r, hist, self.config)
                 self.state.remember((ui, ii, r, hist), self.config.consolidate_window)
-                self._refresh_text_priors()
+                self._refresh_text_priors(self.state)
             except BaseException:
                 self.state.restore(snap)
                 raise
             self.state.seen.add(ui.tolist(), ii.tolist(), r.tolist())
             self.state.log((ui, ii, r), self.config.refit_log_size)
-            self._recompute_neighbours()
+            self._recompute_neighbours(self.state)
             log.info("fit: %d epochs, best %d", report.epochs, report.best_epoch)
             return report
 
-    def _recompute_neighbours(self, spread: bool = False) -> None:
-        """Both neighbourhood corrections from every rating (the fit's and each refit's end);
-        with ``spread``, the user lists over the next feedback calls (a sweep)."""
-        self.state.knn_pending.zero_()
-        neighbours.recompute(self.state, self.config, self.backend)
-        if spread:
-            user_neighbours.start_sweep(self.state, self.config)
-        else:
-            user_neighbours.recompute(self.state, self.config, self.backend)
+    def _recompute_neighbours(self, st: ModelState, spread: bool = False) -> None:
+        """Both neighbourhood corrections of ``st`` from every rating (the fit's and each
+        refit's end). With ``spread`` (``feedback``, holding the writers' lock only): the item
+        lists and the baseline are computed while answers read, then published, and the user
+        lists are remade over the next calls (a sweep)."""
+        tables = neighbours.compute(st, self.config, self.backend)
+        with self._publishing():
+            st.knn_pending.zero_()
+            neighbours.install(st, tables)
+            if spread:
+                user_neighbours.start_sweep(st, self.config)
+        if not spread:
+            user_neighbours.recompute(st, self.config, self.backend, self._lock)
 
-    def _refresh_text_priors(self) -> None:
-        if online.refit_projection(self.state, self.config):
-            cold = torch.nonzero(self.state.item_count.t == 0).flatten()
+    @contextlib.contextmanager
+    def _publishing(self) -> Iterator[None]:
+        """The model lock, for a write to the state answers read; the cached item terms are
+        dropped on the way out (answers may have cached them meanwhile)."""
+        with self._lock:
+            yield
+            self._terms = None
+
+    def _refresh_text_priors(self, st: ModelState) -> None:
+        if online.refit_projection(st, self.config):
+            cold = torch.nonzero(st.item_count.t == 0).flatten()
             if cold.numel():
-                prior = online.text_prior(self.state, self.state.item_text.t[cold])
-                self.state.set_items(cold, prior)
+                prior = online.text_prior(st, st.item_text.t[cold])
+                st.set_items(cold, prior)
 
     def feedback(
         self, users: Any, items: Any, ratings: Any, *, texts: Mapping[Id, str] | None = None
@@ -372,155 +395,170 @@ class Recommender:
         added; unknown items need their text in ``texts``. The batch is applied whole or not at
         all. Returns the batch's MSE before learning (each chunk's, before its own step)."""
         early = self._encode_ahead(items, texts)
-        with self._lock:
-            self._terms = None  # the item terms change
-            u, i, r, new_items = self._prepare(users, items, ratings, texts)
-            emb = None
-            if new_items:
-                assert texts is not None
-                late = [j for j in new_items if j not in early]  # (rare: see _encode_ahead)
-                if late:
-                    early |= zip(late, self.encoder.encode([texts[j] for j in late]), strict=True)
-                emb = torch.from_numpy(np.stack([early[j] for j in new_items]))
-            cfg, st = self.config, self.state
-            n = len(u)
-            chunk = cfg.lr_batch if 0 < cfg.lr_batch < n else n
-            # one chunk: each step can take itself back (undo); several need a whole snapshot
-            mark, snap = st.mark(), (st.snapshot() if chunk < n else None)
-            # the random state goes back with the rest (sampled negatives draw from it)
-            rng_state = st.rng.get_state()
-            undo: list[Any] = [lambda: st.rng.set_state(rng_state)]
-            try:
-                if emb is not None:
-                    self._append_items(new_items, emb)
-                ii = self._item_rows(i)
-                if offsets.enabled(cfg):  # what predict said before this batch (users as
-                    served, idx = self._served(u, ii)  # they were): its errors
-                    counts = self._counts(idx)
-                ui = self._user_rows(u)
-                touched = ui.unique()
-                recent = st.user_recent.t[touched].clone()
-                undo.append(lambda: st.user_recent.t.index_copy_(0, touched, recent))
-                hist = ranking.histories(st, ui, ii, self.backend, ranking.positives(r, cfg))
-                sq = 0.0
-                for s in range(0, n, chunk):
-                    sl = slice(s, s + chunk)
-                    cu, ci, cr, ch = ui[sl], ii[sl], r[sl], hist[sl]
-                    ru, ri, rr, rh = online.replay_sample(st, len(cu), cfg)
-                    # the step's own loss covers the replayed events too: the new ones' apart
-                    new_loss = online.mse(st, cu, ci, cr) if ru.numel() else None
-                    loss = online.step(st, torch.cat([cu, ru]), torch.cat([ci, ri]),
-                                       torch.cat([cr, rr]), cfg.lr, cfg.weight_decay, cfg,
-                                       self.backend, online.range_loss(self.rating_range), undo,
-                                       cfg.user_gain)  # fmt: skip
-                    if cfg.rank_by == "softmax":
-                        pos = ranking.positives(torch.cat([cr, rr]), cfg)
-                        ranking.step(st, torch.cat([ch, rh])[pos], torch.cat([ci, ri])[pos],
-                                     cfg.rank_lr, cfg, st.rng, undo, self.backend)  # fmt: skip
-                    sq += (loss if new_loss is None else new_loss) * len(cu)
-                loss = sq / n
-            except BaseException:
-                if snap is not None:
-                    st.restore(snap)
-                else:
-                    for fn in reversed(undo):
-                        fn()
-                    st.truncate(mark)
-                st.counters["feedback_rejected"] += 1
-                raise
-            st.fold_scales(cfg.fold_threshold)  # (not before: an undo cannot take a fold back)
-            st.counters["feedback_calls"] += 1
-            st.counters["events_learned"] += n
-            if offsets.enabled(cfg):
-                offsets.learn(st, cfg, counts, ii, r, served, self.rating_range)
-            online.count_events(st, ii, cfg)
-            online.reservoir_add(st, ui, ii, r, hist, cfg)
-            st.remember((ui, ii, r, hist), cfg.consolidate_window)
-            st.since_consolidation += n
-            st.log((ui, ii, r), cfg.refit_log_size)
-            st.since_refit += n
-            self.state.seen.add(ui.tolist(), ii.tolist(), r.tolist())
+        with self._writing:
+            with self._lock:
+                loss, ui = self._learn(users, items, ratings, texts, early)
+            # the long parts: answers read the state meanwhile (README, "Readers")
+            st, cfg = self.state, self.config
             if int(st.knn_pending):  # a refit ended in an earlier call
-                self._recompute_neighbours(spread=True)
-            user_neighbours.refresh(st, cfg, ui, self.backend)  # these users' lists, now
-            user_neighbours.sweep(st, cfg, n, self.backend)  # a refit's end's, over calls
+                self._recompute_neighbours(st, spread=True)
+            user_neighbours.refresh(st, cfg, ui, self.backend, lock=self._lock)  # these users'
+            user_neighbours.sweep(st, cfg, len(ui), self.backend, lock=self._lock)  # a sweep's
             if 0 < cfg.consolidate_every <= int(st.since_consolidation):
                 self.consolidate()
-            ended = None
-            if cfg.refit_every > 0 and consolidation.refit_running(st):
-                ended = self._advance_refit(consolidation.refit_budget(st, n, cfg), spread=True)
-            if 0 < cfg.refit_every <= int(st.since_refit):
-                if ended is None:  # (normally it has ended already: its end is not redone)
-                    self._advance_refit(math.inf, spread=True)
-                consolidation.refit_start(st, cfg)
+            with self._publishing():
+                ended = None
+                if cfg.refit_every > 0 and consolidation.refit_running(st):
+                    budget = consolidation.refit_budget(st, len(ui), cfg)
+                    ended = self._advance_refit(st, budget, spread=True)
+                if 0 < cfg.refit_every <= int(st.since_refit):
+                    if ended is None:  # (normally it has ended already: its end is not redone)
+                        self._advance_refit(st, math.inf, spread=True)
+                    consolidation.refit_start(st, cfg)
             return loss
 
-    def _advance_refit(self, budget: float, spread: bool = False) -> RefitReport | None:
-        """Step the running refit by ``budget`` events; at its end the text priors and both
-        neighbourhoods' recomputes. With ``spread`` (inside ``feedback``) the recomputes wait
-        for the next feedback call (``knn_pending``; a refit ends in the call that runs that
-        period's consolidation, and one call doing both was the longest) and remake the user
-        lists over the calls after it."""
-        report = consolidation.refit_advance(self.state, budget, self.config, self.backend,
+    def _learn(self, users: Any, items: Any, ratings: Any, texts: Mapping[Id, str] | None,
+               early: dict[Id, np.ndarray]) -> tuple[float, torch.Tensor]:  # fmt: skip
+        """``feedback``'s part under the model lock: validate, learn, record. Returns the
+        loss and the events' user rows (int64 [n])."""
+        self._terms = None  # the item terms change
+        u, i, r, new_items = self._prepare(users, items, ratings, texts)
+        emb = None
+        if new_items:
+            assert texts is not None
+            late = [j for j in new_items if j not in early]  # (rare: see _encode_ahead)
+            if late:
+                early |= zip(late, self.encoder.encode([texts[j] for j in late]), strict=True)
+            emb = torch.from_numpy(np.stack([early[j] for j in new_items]))
+        cfg, st = self.config, self.state
+        n = len(u)
+        chunk = cfg.lr_batch if 0 < cfg.lr_batch < n else n
+        # one chunk: each step can take itself back (undo); several need a whole snapshot
+        mark, snap = st.mark(), (st.snapshot() if chunk < n else None)
+        # the random state goes back with the rest (sampled negatives draw from it)
+        rng_state = st.rng.get_state()
+        undo: list[Any] = [lambda: st.rng.set_state(rng_state)]
+        try:
+            if emb is not None:
+                self._append_items(new_items, emb)
+            ii = self._item_rows(i)
+            if offsets.enabled(cfg):  # what predict said before this batch (users as
+                served, idx = self._served(u, ii)  # they were): its errors
+                counts = self._counts(idx)
+            ui = self._user_rows(u)
+            touched = ui.unique()
+            recent = st.user_recent.t[touched].clone()
+            undo.append(lambda: st.user_recent.t.index_copy_(0, touched, recent))
+            hist = ranking.histories(st, ui, ii, self.backend, ranking.positives(r, cfg))
+            sq = 0.0
+            for s in range(0, n, chunk):
+                sl = slice(s, s + chunk)
+                cu, ci, cr, ch = ui[sl], ii[sl], r[sl], hist[sl]
+                ru, ri, rr, rh = online.replay_sample(st, len(cu), cfg)
+                # the step's own loss covers the replayed events too: the new ones' apart
+                new_loss = online.mse(st, cu, ci, cr) if ru.numel() else None
+                loss = online.step(st, torch.cat([cu, ru]), torch.cat([ci, ri]),
+                                   torch.cat([cr, rr]), cfg.lr, cfg.weight_decay, cfg,
+                                   self.backend, online.range_loss(self.rating_range), undo,
+                                   cfg.user_gain)  # fmt: skip
+                if cfg.rank_by == "softmax":
+                    pos = ranking.positives(torch.cat([cr, rr]), cfg)
+                    ranking.step(st, torch.cat([ch, rh])[pos], torch.cat([ci, ri])[pos],
+                                 cfg.rank_lr, cfg, st.rng, undo, self.backend)  # fmt: skip
+                sq += (loss if new_loss is None else new_loss) * len(cu)
+            loss = sq / n
+        except BaseException:
+            if snap is not None:
+                st.restore(snap)
+            else:
+                for fn in reversed(undo):
+                    fn()
+                st.truncate(mark)
+            st.counters["feedback_rejected"] += 1
+            raise
+        st.fold_scales(cfg.fold_threshold)  # (not before: an undo cannot take a fold back)
+        st.counters["feedback_calls"] += 1
+        st.counters["events_learned"] += n
+        if offsets.enabled(cfg):
+            offsets.learn(st, cfg, counts, ii, r, served, self.rating_range)
+        online.count_events(st, ii, cfg)
+        online.reservoir_add(st, ui, ii, r, hist, cfg)
+        st.remember((ui, ii, r, hist), cfg.consolidate_window)
+        st.since_consolidation += n
+        st.log((ui, ii, r), cfg.refit_log_size)
+        st.since_refit += n
+        self.state.seen.add(ui.tolist(), ii.tolist(), r.tolist())
+        return loss, ui
+
+    def _advance_refit(self, st: ModelState, budget: float,
+                       spread: bool = False) -> RefitReport | None:  # fmt: skip
+        """Step the running refit of ``st`` by ``budget`` events; at its end the text priors
+        and both neighbourhoods' recomputes. With ``spread`` (inside ``feedback``) the
+        recomputes wait for the next feedback call (``knn_pending``; a refit ends in the call
+        that runs that period's consolidation, and one call doing both was the longest) and
+        remake the user lists over the calls after it."""
+        report = consolidation.refit_advance(st, budget, self.config, self.backend,
                                              self.rating_range)  # fmt: skip
         if report is not None:
-            self._refresh_text_priors()
+            self._refresh_text_priors(st)
             if spread:
-                self.state.knn_pending.fill_(1)
+                st.knn_pending.fill_(1)
             else:
-                self._recompute_neighbours()
+                self._recompute_neighbours(st)
             self.last_refit = report
-            self.state.counters["refits"] += 1
+            st.counters["refits"] += 1
             log.info("refit: %s", report)
         return report
+
+    def _on_fork(self, work: Callable[[ModelState], Any]) -> Any:
+        """``work(fork)`` on a fork of the state while answers read the state itself (writers
+        wait), then the fork published in O(1); on an error the state is as it was."""
+        with self._writing:
+            fork = self.state.fork()
+            out = work(fork)
+            with self._publishing():
+                self.state.adopt(fork)
+            return out
 
     def consolidate(self) -> ConsolidationReport:
         """Consolidate now on the newest ``consolidate_window`` events learned from (warm-up
         included; checkpoints keep them): replay-mixed passes, validation on the newest share,
         early stopping, per-head rollback to the weights before it if validation does not
-        improve, then the text projection refitted (``lrec_fast.consolidation``). Runs under
-        the lock (answers wait for it); all or nothing on an unexpected error."""
-        with self._lock:
-            self._terms = None  # the item terms change
+        improve, then the text projection refitted (``lrec_fast.consolidation``). Works on a
+        fork of the model: answers go on meanwhile from the model as it was, and see the
+        consolidated one once it ends; all or nothing on an unexpected error."""
+
+        def work(st: ModelState) -> ConsolidationReport:
             cap = self.config.consolidate_window
-            u, i, r, h = self.state.window(cap)  # views: nothing appends while it runs
+            u, i, r, h = st.window(cap)  # views: nothing appends while it runs
+            st.since_consolidation.zero_()
             if cap < 2 or u.numel() < 2:
-                self.state.since_consolidation.zero_()
                 return ConsolidationReport(events=u.numel())
-            snap = self.state.snapshot(seen=False)
-            try:
-                self.state.since_consolidation.zero_()
-                report = consolidation.consolidate(
-                    self.state, u, i, r, h, self.config, self.backend, self.state.rng,
-                    self.rating_range,
-                )  # fmt: skip
-                self._refresh_text_priors()
-            except BaseException:
-                self.state.restore(snap)
-                raise
-            self.state.counters["consolidations"] += 1
+            report = consolidation.consolidate(st, u, i, r, h, self.config, self.backend,
+                                               st.rng, self.rating_range)  # fmt: skip
+            self._refresh_text_priors(st)
+            st.counters["consolidations"] += 1
             log.info("consolidation: %s", report)
             return report
+
+        return self._on_fork(work)
 
     def refit(self) -> RefitReport:
         """Refit the rating head now, whole: ``refit_epochs`` shuffled passes over the event log
         (the newest ``refit_log_size`` events learned from, warm-up included; checkpoints keep
         it) at the warm-up fit's learning rate and decay, then the text projection refitted
-        (``lrec_fast.consolidation``). A refit that ``feedback`` spreads over its calls and has
-        not ended is replaced. Runs under the lock (about 0.12 s per 100,000 logged events on
-        the 2-core CPU machine, README); all or nothing on an unexpected error."""
-        with self._lock:
-            self._terms = None  # the item terms change
-            st = self.state
-            snap = st.snapshot(seen=False)
-            try:
-                consolidation.refit_start(st, self.config)
-                report = self._advance_refit(math.inf)
-            except BaseException:
-                st.restore(snap)
-                raise
+        and both neighbourhoods recomputed (``lrec_fast.consolidation``). A refit that
+        ``feedback`` spreads over its calls and has not ended is replaced. Works on a fork, as
+        ``consolidate`` (about 0.12 s per 100,000 logged events on the 2-core CPU machine,
+        README); all or nothing on an unexpected error."""
+
+        def work(st: ModelState) -> RefitReport:
+            consolidation.refit_start(st, self.config)
+            report = self._advance_refit(st, math.inf)
             assert report is not None
             return report
+
+        return self._on_fork(work)
 
     # -- answering ---------------------------------------------------------------------------
     def _queries(self, user_ids: list[Id]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

@@ -35,6 +35,7 @@ refresh is what pays.
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,9 @@ from .raters import Raters, known_csr
 if TYPE_CHECKING:
     from .model import ModelState
     from .online import LearnerConfig
+
+
+NO_LOCK = nullcontext()  # (for callers that hold the model alone)
 
 
 def enabled(cfg: LearnerConfig) -> bool:
@@ -138,43 +142,52 @@ def _due(state: ModelState, cfg: LearnerConfig, users: np.ndarray,
 
 
 def refresh(state: ModelState, cfg: LearnerConfig, users: torch.Tensor,
-            backend: str | None, every: bool = False) -> None:  # fmt: skip
+            backend: str | None, every: bool = False,
+            lock: AbstractContextManager[Any] = NO_LOCK) -> None:  # fmt: skip
     """After user rows ``users``' new ratings are recorded (``seen``): their b_u now, and the
     neighbour lists of those due (``_due``; all of them with ``every`` or a growth of 0).
-    Nothing when the correction is off."""
+    Nothing when the correction is off. ``lock`` is held while the state is read and written,
+    not while the lists are computed (``Recommender.feedback``: answers read meanwhile; the
+    caller must keep other writers out)."""
     if not enabled(cfg) or users.numel() == 0:
         return
-    which = np.unique(users.numpy())
-    stale = state.uknn_bases is not None  # cached before these users' new ratings
-    base_i, base_u = _bases(state, cfg)
-    indptr, items, ratings = _histories(state, which)
-    if stale:  # (a cache built just now has them already: the recompute's case)
-        base_u[which] = user_bases(indptr, items, ratings, base_i, cfg.uknn_user_reg)
-    counts = np.diff(indptr)
-    if not every and cfg.uknn_refresh_growth > 0:
-        due = _due(state, cfg, which, counts)
-        if not due.all():  # the due users' rows of the CSR
-            keep = np.repeat(due, counts)
-            which, counts, items, ratings = which[due], counts[due], items[keep], ratings[keep]
-            indptr = np.concatenate([[0], np.cumsum(counts)])
-    if which.size == 0:
-        return
+    with lock:
+        which = np.unique(users.numpy())
+        stale = state.uknn_bases is not None  # cached before these users' new ratings
+        base_i, base_u = _bases(state, cfg)
+        indptr, items, ratings = _histories(state, which)
+        if stale:  # (a cache built just now has them already: the recompute's case)
+            base_u[which] = user_bases(indptr, items, ratings, base_i, cfg.uknn_user_reg)
+        counts = np.diff(indptr)
+        if not every and cfg.uknn_refresh_growth > 0:
+            due = _due(state, cfg, which, counts)
+            if not due.all():  # the due users' rows of the CSR
+                keep = np.repeat(due, counts)
+                which, counts, items, ratings = which[due], counts[due], items[keep], ratings[keep]
+                indptr = np.concatenate([[0], np.cumsum(counts)])
+        if which.size == 0:
+            return
+        raters = _raters(state)  # (grown to the catalogue here: readers grow it too)
     rows, sims = kernels.user_neighbours(
         torch.from_numpy(which), torch.from_numpy(indptr), torch.from_numpy(items),
-        torch.from_numpy(ratings), _raters(state), torch.from_numpy(base_u),
+        torch.from_numpy(ratings), raters, torch.from_numpy(base_u),
         torch.from_numpy(base_i), cfg.uknn_size, cfg.uknn_shrink, cfg.uknn_max_raters,
         backend=backend,
     )  # fmt: skip
-    _store(state, cfg.uknn_size, which, rows, sims, counts)
-    state.counters["user_lists_made"] += len(which)
+    with lock:
+        _store(state, cfg.uknn_size, which, rows, sims, counts)
+        state.counters["user_lists_made"] += len(which)
 
 
-def recompute(state: ModelState, cfg: LearnerConfig, backend: str | None) -> None:
-    """Every user's b_u and neighbour list (after the baseline's recompute), now."""
-    state.uknn_bases = None
-    state.uknn_sweep.fill_(-1)
+def recompute(state: ModelState, cfg: LearnerConfig, backend: str | None,
+              lock: AbstractContextManager[Any] = NO_LOCK) -> None:  # fmt: skip
+    """Every user's b_u and neighbour list (after the baseline's recompute), now (``lock``:
+    as ``refresh``'s)."""
+    with lock:
+        state.uknn_bases = None
+        state.uknn_sweep.fill_(-1)
     if len(state.users):
-        refresh(state, cfg, torch.arange(len(state.users)), backend, every=True)
+        refresh(state, cfg, torch.arange(len(state.users)), backend, every=True, lock=lock)
 
 
 def start_sweep(state: ModelState, cfg: LearnerConfig) -> None:
@@ -186,16 +199,20 @@ def start_sweep(state: ModelState, cfg: LearnerConfig) -> None:
     state.uknn_sweep.fill_(0 if cfg.uknn_sweep else -1)
 
 
-def sweep(state: ModelState, cfg: LearnerConfig, n_events: int, backend: str | None) -> None:
+def sweep(state: ModelState, cfg: LearnerConfig, n_events: int, backend: str | None,
+          lock: AbstractContextManager[Any] = NO_LOCK) -> None:  # fmt: skip
     """A ``feedback`` call's share of a running sweep: the lists of the next ceil(n_users x
-    ``n_events`` / ``refit_every``) user rows, so that it ends by the next refit's start."""
-    pos, n = int(state.uknn_sweep), len(state.users)
+    ``n_events`` / ``refit_every``) user rows, so that it ends by the next refit's start
+    (``lock``: as ``refresh``'s)."""
+    with lock:
+        pos, n = int(state.uknn_sweep), len(state.users)
     if pos < 0:
         return
     end = min(n, pos + -(-n * n_events // max(cfg.refit_every, 1)))
     if end > pos:
-        refresh(state, cfg, torch.arange(pos, end), backend, every=True)
-    state.uknn_sweep.fill_(end if end < n else -1)
+        refresh(state, cfg, torch.arange(pos, end), backend, every=True, lock=lock)
+    with lock:
+        state.uknn_sweep.fill_(end if end < n else -1)
 
 
 @dataclass(frozen=True)

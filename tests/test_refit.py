@@ -85,7 +85,7 @@ def test_a_refit_in_slices_is_bit_for_bit_a_whole_one(stream):
     report = whole.refit()
     consolidation.refit_start(sliced.state, sliced.config)
     calls = 0
-    while (got := sliced._advance_refit(200)) is None:  # as feedback steps it
+    while (got := sliced._advance_refit(sliced.state, 200)) is None:  # as feedback steps it
         calls += 1
     assert calls == 6 and (got.events, got.epochs) == (report.events, report.epochs) == (650, 2)
     a, b = state_bits(whole), state_bits(sliced)
@@ -238,8 +238,8 @@ def test_each_refit_end_is_processed_once(stream, monkeypatch):
 
     rec = streamed(stream, n=0, refit_every=300, consolidate_every=0)
     calls, ends, pending = [], [], []
-    real = neighbours.recompute
-    monkeypatch.setattr(neighbours, "recompute",
+    real = neighbours.compute
+    monkeypatch.setattr(neighbours, "compute",
                         lambda *a: calls.append(len(ends)) or real(*a))  # fmt: skip
     for c, s in enumerate(range(1500, 2500, 100), start=1):
         ev = stream.events.take(slice(s, s + 100))

@@ -50,6 +50,26 @@ FUSED_MAX_B = 8  # above this the GEMM tiles win: the fused scan's dot products 
 TILE_BYTES = 1 << 22  # scores of one tile for all queries (4 MB, in L3; 16k items at B=64)
 MIN_ITEMS_PER_PART = 1 << 15  # below this a thread costs more than it scans
 
+_LAUNCH = threading.Lock()
+_LAYER_SAFE = False  # a launch showed a thread-safe threading layer (tbb, omp)
+
+
+def _parallel(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` for a kernel compiled with ``parallel=True``. numba's workqueue threading
+    layer (the one left where neither TBB nor OpenMP loads) ends the process when two threads
+    launch parallel kernels at once, as answers and a writer's unlocked work do (``Recommender``),
+    so launches take turns until one shows a thread-safe layer."""
+    global _LAYER_SAFE
+    if _LAYER_SAFE:
+        return fn(*args)
+    with _LAUNCH:
+        out = fn(*args)
+        try:
+            _LAYER_SAFE = numba.threading_layer() != "workqueue"
+        except ValueError:  # (no parallel launch yet: a serial variant ran)
+            pass
+    return out
+
 
 # ---------------------------------------------------------------------------------------------
 # scoring
@@ -503,11 +523,11 @@ def score_topk(
         if nb == 1 and table.dtype == np.int8 and d % STEP == 0 and d <= MAX_DIM:
             quant = quantize_query(q[0])
         if quant is not None:
-            _int8_scan(d, n_parts > 1)(q, quant.q16, quant.scale, quant.bound, table, rs_n,
-                                       bias_n, alpha, ex_ptr, ex_idx, kk, ps, pi, pn)  # fmt: skip
+            _parallel(_int8_scan(d, n_parts > 1), q, quant.q16, quant.scale, quant.bound, table,
+                      rs_n, bias_n, alpha, ex_ptr, ex_idx, kk, ps, pi, pn)  # fmt: skip
         else:
             scan = _SCANS[nb == 1, n_parts > 1]
-            scan(q, table, rs_n, bias_n, alpha, ex_ptr, ex_idx, kk, ps, pi, pn)
+            _parallel(scan, q, table, rs_n, bias_n, alpha, ex_ptr, ex_idx, kk, ps, pi, pn)
         _merge(ps, pi, pn, kk, out_s, out_i)
     else:
         ts = np.full((nb, kk), -np.inf, np.float32)
@@ -945,7 +965,8 @@ def softmax_step(
     grad_b = grad_z.sum(0)
     grad_rep = grad_z @ t_c
     lr, eps = float(lr), float(eps)
-    ok = _targets_apply(
+    ok = _parallel(
+        _targets_apply,
         tgt.numpy(),
         tgt_acc.numpy(),
         tgt_bias.numpy(),
@@ -1075,9 +1096,9 @@ def item_neighbours(
     sims = np.zeros((n_items, size), np.float32)
     if n_items and size:
         parts = min(n_items, 4 * numba.get_num_threads())
-        _neighbour_rows(np.arange(n_items), i_ptr[:-1], i_ptr[1:], i_users, i_res, u_ptr[:-1],
-                        u_ptr[1:], u_items, u_res, np.zeros(n_items), np.zeros(n_users),
-                        float(shrink), parts, rows, sims)  # fmt: skip
+        _parallel(_neighbour_rows, np.arange(n_items), i_ptr[:-1], i_ptr[1:], i_users, i_res,
+                  u_ptr[:-1], u_ptr[1:], u_items, u_res, np.zeros(n_items), np.zeros(n_users),
+                  float(shrink), parts, rows, sims)  # fmt: skip
     return torch.from_numpy(rows), torch.from_numpy(sims)
 
 
@@ -1207,10 +1228,10 @@ def user_neighbours(
         if max_raters > 0:
             count = np.where(count > max_raters, 0, count)
         ptr = _i64(hist_indptr)
-        _neighbour_rows(_i64(which), ptr[:-1], ptr[1:], _i64(hist_items), _f32(hist_ratings),
-                        start, start + count, users, ratings, _f64(user_base),
-                        _f64(item_base), float(shrink), min(m, numba.get_num_threads()), rows,
-                        sims)  # fmt: skip
+        _parallel(_neighbour_rows, _i64(which), ptr[:-1], ptr[1:], _i64(hist_items),
+                  _f32(hist_ratings), start, start + count, users, ratings, _f64(user_base),
+                  _f64(item_base), float(shrink), min(m, numba.get_num_threads()), rows,
+                  sims)  # fmt: skip
     return torch.from_numpy(rows), torch.from_numpy(sims)
 
 
