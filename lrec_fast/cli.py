@@ -1,4 +1,5 @@
-"""``lrec-fast``: the command line (demo, evaluate, export, info). The only module that prints."""
+"""``lrec-fast``: the command line (demo, evaluate, export, serve, info). The only module that
+prints."""
 
 from __future__ import annotations
 
@@ -261,6 +262,55 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .serve import make_server
+
+    if (args.model is None) == (args.deployment is None):
+        print("lrec-fast serve: give --model CKPT (learns) or --deployment DIR (read-only)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    token = Path(args.token_file).read_text(encoding="utf-8").strip() if args.token_file else None
+    model: Any
+    if args.model is not None:
+        from .service import Recommender
+
+        model = Recommender.load(args.model, backend=args.backend)
+    else:
+        from .export import load_deployment
+
+        model = load_deployment(args.deployment)
+    server = make_server(model, args.host, args.port, token=token,
+                         save_to=args.save_to if args.model is not None else None)  # fmt: skip
+    service = server.service  # type: ignore[attr-defined]
+    stop = threading.Event()
+
+    def saver() -> None:  # the periodic save
+        while not stop.wait(args.save_every):
+            service.save_if_changed()
+
+    if args.save_to and args.model is not None and args.save_every > 0:
+        threading.Thread(target=saver, daemon=True).start()
+    # SIGTERM (a service manager's stop) ends it as Ctrl-C does: answers finish, a last save
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    host, port = args.host, server.server_address[1]  # (the port bound, for --port 0)
+    print(f"serving {type(model).__name__} ({model.n_users:,} users, {model.n_items:,} items) "
+          f"on http://{host}:{port} (token: {'yes' if token else 'no'}; saving to "
+          f"{args.save_to if service.save_to else 'nowhere'})", flush=True)  # fmt: skip
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop.set()
+        server.server_close()
+        if service.save_if_changed():
+            print(f"saved to {args.save_to}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lrec-fast", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lrec-fast {__version__}")
@@ -299,6 +349,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     exp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     exp.set_defaults(func=cmd_export)
+    srv = sub.add_parser("serve", help="serve a model over HTTP/JSON (lrec_fast/serve.py)")
+    srv.add_argument("--model", default=None, help="checkpoint folder: learns from /feedback")
+    srv.add_argument("--deployment", default=None, help="ONNX deployment folder: read-only")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    srv.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
+    srv.add_argument("--token-file", default=None,
+                     help="file with the bearer token that all but /health need")  # fmt: skip
+    srv.add_argument("--save-to", default=None,
+                     help="checkpoint folder for POST /save, periodic and final saves")  # fmt: skip
+    srv.add_argument("--save-every", type=float, default=300.0,
+                     help="seconds between saves when the model learned (0: none)")  # fmt: skip
+    srv.add_argument("--backend", default=None, help="kernel backend (default: the best)")
+    srv.set_defaults(func=cmd_serve)
     info = sub.add_parser("info", help="version, backends, extension")
     info.set_defaults(func=cmd_info)
     args = parser.parse_args(argv)

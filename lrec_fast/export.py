@@ -334,6 +334,10 @@ class Deployment:
     def n_items(self) -> int:
         return len(self._items)
 
+    @property
+    def n_users(self) -> int:
+        return len(self._users)
+
     def _queries(self, user_ids: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """User rows [B, d] and biases [B]; unknown users get the mean known user."""
         idx = [self._users.index.get(u, -1) for u in user_ids]

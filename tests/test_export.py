@@ -392,3 +392,35 @@ def test_per_token_quantiser_against_its_definition(rng):
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]),
             opset_imports=[helper.make_opsetid("", OPSET)]))  # fmt: skip
+
+
+def test_a_deployment_serves_over_http(trained, deployed):
+    """``lrec-fast serve --deployment``: read-only (no /feedback, no /save), answers equal the
+    deployment's own; new items from their text through the ONNX encoder."""
+    import threading
+
+    from lrec_fast.serve import make_server
+
+    from .test_serve import call
+
+    dep = load_deployment(deployed["int8"])
+    server = make_server(dep, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        users = [trained.state.users.ids[0], trained.state.users.ids[3], "someone new"]
+        status, got = call(url, "POST", "/recommend", {"users": users, "k": 5}, token=None)
+        items, scores = dep.recommend(users, 5)
+        assert status == 200 and got["items"] == items.tolist()
+        np.testing.assert_array_equal(np.array(got["scores"], np.float32), scores)
+        body = {"users": users[:1], "items": items[0, :2].tolist(), "ratings": [4.0, 3.0]}
+        assert call(url, "POST", "/feedback", body, token=None)[0] == 404
+        assert call(url, "POST", "/save", token=None)[0] == 404
+        status, got = call(url, "POST", "/items", {"items": ["fresh"], "texts": ["A Film"]},
+                           token=None)  # fmt: skip
+        assert status == 200 and dep.n_items == trained.n_items + 1
+        status, health = call(url, "GET", "/health", token=None)
+        assert health["kind"] == "Deployment" and health["items"] == dep.n_items
+    finally:
+        server.shutdown()
+        server.server_close()
