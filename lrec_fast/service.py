@@ -768,8 +768,9 @@ class Recommender:
         }
 
     def save(self, directory: str | Path) -> None:
-        """Write a checkpoint (safetensors + JSON) atomically; see ``model.save_state``."""
-        with self._lock:
+        """Write a checkpoint (safetensors + JSON) atomically; see ``model.save_state``. Holds
+        the writers' lock only: answers go on meanwhile (the state cannot change)."""
+        with self._writing:
             save_state(directory, self.state, self._config_dict())
 
     @classmethod

@@ -192,3 +192,21 @@ def test_neighbour_tables_are_computed_without_changing_the_state(fitted):
     after = state_bits(rec)
     neighbours.recompute(rec.state, rec.config, rec.backend)
     assert_same_bits(state_bits(rec), after)
+
+
+def test_answers_go_on_while_a_checkpoint_is_written(stream, monkeypatch, tmp_path):
+    """``save`` holds the writers' lock only: answers go on while it writes, and the
+    checkpoint holds the model as it was."""
+    from lrec_fast import service
+
+    rec = model(stream)
+    rec.feedback(*calls(stream, 1)[0])
+    before = answers(rec)
+    pause = Pause(monkeypatch, service, "save_state")
+    writer, out = in_thread(lambda: rec.save(tmp_path / "ck"))
+    during = answered_while_paused(rec, pause)
+    for a, b in zip(during, before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    writer.join(WAIT_S)
+    assert not writer.is_alive() and out == [None], out
+    assert_same_bits(state_bits(Recommender.load(tmp_path / "ck")), state_bits(rec))

@@ -5,6 +5,7 @@ SIGTERM and stops."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -132,6 +133,13 @@ def test_malformed_bodies_methods_and_tokens(served):
     status, health = call(url, "GET", "/health", token=None)  # (for load balancers)
     assert status == 200 and health["status"] == "ok"
     assert health["users"] == rec.n_users and health["items"] == rec.n_items
+    conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+    conn.putrequest("POST", "/feedback")  # a length that would read to the end of the stream
+    conn.putheader("Authorization", f"Bearer {TOKEN}")
+    conn.putheader("Content-Length", "-5")
+    conn.endheaders()
+    assert conn.getresponse().status == 400
+    conn.close()
     assert_same_bits(state_bits(rec), bits)
     with pytest.raises(ValueError, match="empty token"):
         make_server(rec, port=0, token=" ")
