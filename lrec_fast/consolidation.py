@@ -42,17 +42,16 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import online, ranking
+from .model import NO_LOCK, ModelState
 from .online import DivergenceError, LearnerConfig
-
-if TYPE_CHECKING:
-    from .model import ModelState
 
 RATING_TABLES = ("user_rows", "item_rows", "user_bias", "item_bias")
 RANKING_TABLES = ("ctx_rows", "tgt_rows", "tgt_bias", "ctx_acc", "tgt_acc", "tgt_bias_acc")
@@ -233,15 +232,45 @@ def _order(state: ModelState, key: int, epoch: int, n: int, seed: int) -> torch.
     return cached[3]
 
 
-def _guarded_slice(
+def _published_slice(
     state: ModelState, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
     cfg: LearnerConfig, backend: str, clip: tuple[float, float] | None,
+    lock: AbstractContextManager[Any],
+) -> tuple[float, float] | None:  # fmt: skip
+    """``_guarded_slice`` on a copy of the rows it touches (the rating tables' rows of its
+    users and items, the scales and mu), so that answers need not wait for it: the copy is
+    stepped without ``lock``, then written back and the scales folded under it. The same
+    numbers as stepping the tables themselves: each row's step reads only its own row, the
+    scales and mu, and the copy keeps the rows' order (sorted unique rows). The caller keeps
+    other writers out."""
+    tu, u_at = torch.unique(users, return_inverse=True)
+    ti, i_at = torch.unique(items, return_inverse=True)
+    rows = (("user_rows", tu), ("user_bias", tu), ("item_rows", ti), ("item_bias", ti))
+    part = ModelState(state.dim, state.text_dim, state.history_len)
+    for name, idx in rows:
+        getattr(part, name).set(getattr(state, name).t[idx])
+    part.scales, part.mu = state.scales.clone(), state.mu.clone()
+    result = _guarded_slice(part, u_at, i_at, ratings, cfg, backend, clip, fold=False)
+    if result is not None:
+        with lock:
+            for name, idx in rows:
+                getattr(state, name).t[idx] = getattr(part, name).t
+            state.scales.copy_(part.scales)
+            state.mu.copy_(part.mu)
+            state.fold_scales(cfg.fold_threshold)
+    return result
+
+
+def _guarded_slice(
+    state: ModelState, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
+    cfg: LearnerConfig, backend: str, clip: tuple[float, float] | None, fold: bool = True,
 ) -> tuple[float, float] | None:  # fmt: skip
     """Step the events (time order = step order) in mini-batches at the fit's rates, gain 1,
     with the guard rail on the slice whole: the touched rows, scales and mu finite, and the
     slice's loss after it at most explode_ratio x before or the range's squared width. On
     failure (or an error) the touched rows, scales and mu go back bit for bit (no fold ran
-    meanwhile), and it returns None (or raises); else (MSE before, MSE after)."""
+    meanwhile), and it returns None (or raises); else (MSE before, MSE after), the scales
+    folded if ``fold``."""
     tu, ti = users.unique(), items.unique()
     rows = (("user_rows", tu), ("user_bias", tu), ("item_rows", ti), ("item_bias", ti))
     saved = [getattr(state, name).t[idx].clone() for name, idx in rows]
@@ -266,18 +295,21 @@ def _guarded_slice(
     if not (sound and after <= max(cfg.explode_ratio * before, online.range_loss(clip))):
         undo()
         return None
-    state.fold_scales(cfg.fold_threshold)
+    if fold:
+        state.fold_scales(cfg.fold_threshold)
     return before, after
 
 
 def refit_advance(
     state: ModelState, budget: float, cfg: LearnerConfig, backend: str,
-    clip: tuple[float, float] | None = None,
+    clip: tuple[float, float] | None = None, lock: AbstractContextManager[Any] = NO_LOCK,
 ) -> RefitReport | None:  # fmt: skip
     """Step up to ``budget`` more events of the running refit (see the module doc), in guarded
     slices of at most REFIT_SLICE_STEPS mini-batches within one pass; logged events trimmed
     off the log since it started are skipped. Returns its report when it has ended (all
     passes made, or a slice diverged: that slice rolled back, the refit stopped), else None.
+    Each slice steps a copy of its rows and writes them back under ``lock``
+    (``_published_slice``: answers read meanwhile).
     A refit that covers no event ends at once."""
     key, start, n, done, total = state.refit_job.tolist()
     stats = state.refit_stats
@@ -293,7 +325,7 @@ def refit_advance(
         at = at[at >= 0]  # trimmed off the log meanwhile
         if at.numel():
             u, i, r = state.log_users.t[at], state.log_items.t[at], state.log_ratings.t[at]
-            result = _guarded_slice(state, u, i, r, cfg, backend, clip)
+            result = _published_slice(state, u, i, r, cfg, backend, clip, lock)
             if result is None:
                 failed_in = epoch + 1
             else:

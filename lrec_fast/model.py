@@ -17,6 +17,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ FORMAT_VERSION = 2  # 2: the ranking head (ranking.py)
 TENSORS_FILE, STATE_FILE = "model.safetensors", "state.json"
 
 Id = int | str
+# For work on a state that no answer reads meanwhile (a fork, a model held alone): the lock
+# argument of the functions that publish under the model lock (Recommender.feedback).
+NO_LOCK = nullcontext()
 
 
 class Rows:

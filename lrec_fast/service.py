@@ -3,11 +3,10 @@ dispatching kernels."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +133,21 @@ def external_ids(top: torch.Tensor, item_ids: np.ndarray) -> np.ndarray:
     return out
 
 
+class _Publish:
+    """The model lock, for a write to the state that answers read; the cached item terms are
+    dropped on the way out (answers may have cached them meanwhile). Reusable, reentrant."""
+
+    def __init__(self, rec: Recommender) -> None:
+        self.rec = rec
+
+    def __enter__(self) -> None:
+        self.rec._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.rec._terms = None
+        self.rec._lock.release()
+
+
 class Recommender:
     """Text-aware biased factorisation that keeps learning from feedback.
 
@@ -183,6 +197,7 @@ class Recommender:
         # the second: they read the state, or work on a fork of it, and publish under the first.
         self._lock = threading.RLock()
         self._writing = threading.RLock()
+        self._publish = _Publish(self)
         self.last_refit: RefitReport | None = None  # the latest ended refit's report
         self._terms: tuple[Any, tuple[Any, ...], list[torch.Tensor | None]] | None = None
         log.info("Recommender: backend %s, dim %d", self._backend.name, dim)
@@ -364,21 +379,13 @@ class Recommender:
         lists and the baseline are computed while answers read, then published, and the user
         lists are remade over the next calls (a sweep)."""
         tables = neighbours.compute(st, self.config, self.backend)
-        with self._publishing():
+        with self._publish:
             st.knn_pending.zero_()
             neighbours.install(st, tables)
             if spread:
                 user_neighbours.start_sweep(st, self.config)
         if not spread:
-            user_neighbours.recompute(st, self.config, self.backend, self._lock)
-
-    @contextlib.contextmanager
-    def _publishing(self) -> Iterator[None]:
-        """The model lock, for a write to the state answers read; the cached item terms are
-        dropped on the way out (answers may have cached them meanwhile)."""
-        with self._lock:
-            yield
-            self._terms = None
+            user_neighbours.recompute(st, self.config, self.backend, self._publish)
 
     def _refresh_text_priors(self, st: ModelState) -> None:
         if online.refit_projection(st, self.config):
@@ -402,19 +409,18 @@ class Recommender:
             st, cfg = self.state, self.config
             if int(st.knn_pending):  # a refit ended in an earlier call
                 self._recompute_neighbours(st, spread=True)
-            user_neighbours.refresh(st, cfg, ui, self.backend, lock=self._lock)  # these users'
-            user_neighbours.sweep(st, cfg, len(ui), self.backend, lock=self._lock)  # a sweep's
+            user_neighbours.refresh(st, cfg, ui, self.backend, lock=self._publish)  # these users'
+            user_neighbours.sweep(st, cfg, len(ui), self.backend, lock=self._publish)  # a sweep's
             if 0 < cfg.consolidate_every <= int(st.since_consolidation):
                 self.consolidate()
-            with self._publishing():
-                ended = None
-                if cfg.refit_every > 0 and consolidation.refit_running(st):
-                    budget = consolidation.refit_budget(st, len(ui), cfg)
-                    ended = self._advance_refit(st, budget, spread=True)
-                if 0 < cfg.refit_every <= int(st.since_refit):
-                    if ended is None:  # (normally it has ended already: its end is not redone)
-                        self._advance_refit(st, math.inf, spread=True)
-                    consolidation.refit_start(st, cfg)
+            ended = None
+            if cfg.refit_every > 0 and consolidation.refit_running(st):
+                budget = consolidation.refit_budget(st, len(ui), cfg)
+                ended = self._advance_refit(st, budget, spread=True)
+            if 0 < cfg.refit_every <= int(st.since_refit):
+                if ended is None:  # (normally it has ended already: its end is not redone)
+                    self._advance_refit(st, math.inf, spread=True)
+                consolidation.refit_start(st, cfg)  # (nothing that answers read)
             return loss
 
     def _learn(self, users: Any, items: Any, ratings: Any, texts: Mapping[Id, str] | None,
@@ -498,15 +504,16 @@ class Recommender:
         that runs that period's consolidation, and one call doing both was the longest) and
         remake the user lists over the calls after it."""
         report = consolidation.refit_advance(st, budget, self.config, self.backend,
-                                             self.rating_range)  # fmt: skip
+                                             self.rating_range, self._publish)  # fmt: skip
         if report is not None:
-            self._refresh_text_priors(st)
-            if spread:
-                st.knn_pending.fill_(1)
-            else:
+            with self._publish:
+                self._refresh_text_priors(st)
+                if spread:
+                    st.knn_pending.fill_(1)
+                self.last_refit = report
+                st.counters["refits"] += 1
+            if not spread:
                 self._recompute_neighbours(st)
-            self.last_refit = report
-            st.counters["refits"] += 1
             log.info("refit: %s", report)
         return report
 
@@ -516,7 +523,7 @@ class Recommender:
         with self._writing:
             fork = self.state.fork()
             out = work(fork)
-            with self._publishing():
+            with self._publish:
                 self.state.adopt(fork)
             return out
 

@@ -35,7 +35,7 @@ refresh is what pays.
 from __future__ import annotations
 
 import math
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,15 +44,12 @@ import torch
 
 from . import kernels
 from .kernels.reference import RaterArrays
-from .model import Rows, rows_csr
+from .model import NO_LOCK, Rows, rows_csr
 from .raters import Raters, known_csr
 
 if TYPE_CHECKING:
     from .model import ModelState
     from .online import LearnerConfig
-
-
-NO_LOCK = nullcontext()  # (for callers that hold the model alone)
 
 
 def enabled(cfg: LearnerConfig) -> bool:

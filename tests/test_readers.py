@@ -1,8 +1,8 @@
 """Answers while the model learns: a feedback call's long parts (consolidation, the refit end's
-neighbourhood recompute, the user lists) hold the writers' lock only, so answers go on
-meanwhile; writers still take turns, and the model ends bit for bit where one thread doing the
-same calls ends. Each test pauses a writer inside one long part and answers from another
-thread: an answer that waited for the model lock would wait for the pause."""
+neighbourhood recompute, the user lists, the refit's share) hold the writers' lock only, so
+answers go on meanwhile; writers still take turns, and the model ends bit for bit where one
+thread doing the same calls ends. Each test pauses a writer inside one long part and answers
+from another thread: an answer that waited for the model lock would wait for the pause."""
 
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def test_answers_during_a_consolidation_see_the_model_before_it(stream, monkeypa
 
 @pytest.mark.parametrize(
     "part",
-    ["consolidation", "item lists (a refit's end)", "user lists"],
+    ["consolidation", "item lists (a refit's end)", "user lists", "the refit's share"],
 )
 def test_answers_go_on_during_each_long_part_of_feedback(stream, monkeypatch, part):
     """A stream of feedback calls in one thread, paused once inside ``part``: answers from
@@ -128,6 +128,7 @@ def test_answers_go_on_during_each_long_part_of_feedback(stream, monkeypatch, pa
         "consolidation": (consolidation, "consolidate"),
         "item lists (a refit's end)": (kernels, "item_neighbours"),
         "user lists": (kernels, "user_neighbours"),
+        "the refit's share": (consolidation, "_guarded_slice"),  # (on a copy of its rows)
     }[part]
     stream_calls = calls(stream, 6)
     pause = Pause(monkeypatch, owner, name)

@@ -23,6 +23,35 @@ def events_of(rec: Recommender, u: torch.Tensor, i: torch.Tensor, r: torch.Tenso
     return Counter(zip(users, items, r.tolist(), strict=True))
 
 
+class StepSpy:
+    """Records a refit's kernel steps: (events with the model's ids, batch size, lr, weight
+    decay, the other arguments, keywords). A slice steps a copy of its rows (sorted unique
+    rows), so the copy's rows map back through its slice's."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, rec: Recommender) -> None:
+        self.rec, self.raw, self.slices = rec, [], []
+        real, real_slice = kernels.mf_sgd_step, consolidation._published_slice
+
+        def step(*args, **kw):
+            u, i, r, lr, wd = args[6:11]
+            self.raw.append((u.clone(), i.clone(), r.clone(), u.numel(), lr, wd, args[11:], kw))
+            return real(*args, **kw)
+
+        def slice_(state, users, items, ratings, *rest):
+            self.slices.append((len(self.raw), users.unique(), items.unique()))
+            return real_slice(state, users, items, ratings, *rest)
+
+        monkeypatch.setattr(kernels, "mf_sgd_step", step)
+        monkeypatch.setattr(consolidation, "_published_slice", slice_)
+
+    def calls(self) -> list[tuple]:
+        out = []
+        for c, (u, i, r, *rest) in enumerate(self.raw):
+            _, tu, ti = [s for s in self.slices if s[0] <= c][-1]
+            out.append((events_of(self.rec, tu[u], ti[i], r), *rest))
+        return out
+
+
 def test_log_holds_the_newest_events_fit_included(stream):
     rec = streamed(stream, n=300, refit_every=0, refit_log_size=1000)
     st = rec.state
@@ -43,17 +72,9 @@ def test_each_pass_steps_every_logged_event_once_at_the_fits_rates(stream, monke
     logged = events_of(rec, *rec.state.logged(650))
     assert sum(logged.values()) == 650
     rank_before = tables(rec, RANKING_TABLES)
-    calls = []
-    real = kernels.mf_sgd_step
-
-    def spy(u_rows, i_rows, u_bias, i_bias, scales, mu, users, items, ratings, lr, wd, *rest,
-            **kw):  # fmt: skip
-        calls.append((events_of(rec, users, items, ratings), users.numel(), lr, wd, rest, kw))
-        return real(u_rows, i_rows, u_bias, i_bias, scales, mu, users, items, ratings, lr, wd,
-                    *rest, **kw)  # fmt: skip
-
-    monkeypatch.setattr(kernels, "mf_sgd_step", spy)
+    spy = StepSpy(monkeypatch, rec)
     report = rec.refit()
+    calls = spy.calls()
     assert report.events == 650 and report.epochs == epochs and not report.rolled_back
     assert len(calls) == epochs * 7
     for e in range(epochs):  # shuffled mini-batches of batch_size that cover the log once
@@ -104,16 +125,10 @@ def test_events_trimmed_off_the_log_while_it_runs_are_skipped(stream, monkeypatc
         rec.feedback(ev.user, ev.item, ev.rating)
     kept = max(0, start + n - int(st.log_dropped))
     assert 0 < kept < n  # the log was cut into the refit's events
-    stepped = Counter()
-    real = kernels.mf_sgd_step
-
-    def spy(*args, **kwargs):
-        stepped.update(events_of(rec, args[6], args[7], args[8]))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "mf_sgd_step", spy)
+    spy = StepSpy(monkeypatch, rec)
     report = consolidation.refit_advance(st, math.inf, rec.config, rec.backend)
     assert report is not None and report.events == n and not report.rolled_back
+    stepped = sum((c[0] for c in spy.calls()), Counter())
     assert sum(stepped.values()) == kept and not stepped - covered
 
 
@@ -282,3 +297,24 @@ def test_a_pending_recompute_survives_a_checkpoint(stream, tmp_path):
 
     with pytest.raises(ValueError, match="item neighbours"):
         Recommender.load(rewritten_checkpoint(rec, tmp_path / "bad", edit=damage))
+
+
+@pytest.mark.parametrize("case", ["plain", "fold", "diverges"])
+def test_a_slice_on_a_copy_of_its_rows_is_bit_for_bit_one_on_the_tables(stream, case):
+    """``_published_slice`` (the rows copied, stepped while answers read, written back) leaves
+    the model as ``_guarded_slice`` on the tables themselves does: the scales' fold included,
+    and nothing on a divergent slice."""
+    from lrec_fast.model import NO_LOCK
+
+    kw = dict(n=200, refit_every=0, fold_threshold=0.999 if case == "fold" else 1e-4)
+    if case == "diverges":
+        kw |= dict(fit_lr=1000.0, fit_weight_decay=1e-5)
+    a, b = streamed(stream, **kw), streamed(stream, **kw)
+    u, i, r = a.state.logged(300)
+    got = [consolidation._guarded_slice(a.state, u, i, r, a.config, a.backend, (1.0, 5.0)),
+           consolidation._published_slice(b.state, u, i, r, b.config, b.backend, (1.0, 5.0),
+                                          NO_LOCK)]  # fmt: skip
+    assert got[0] == got[1] and (got[0] is None) == (case == "diverges")
+    if case == "fold":
+        assert bool((a.state.scales == 1.0).any())
+    assert_same_bits(state_bits(a), state_bits(b))
