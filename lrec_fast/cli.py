@@ -282,8 +282,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .export import load_deployment
 
         model = load_deployment(args.deployment)
+    learns = args.model is not None
     server = make_server(model, args.host, args.port, token=token,
-                         save_to=args.save_to if args.model is not None else None)  # fmt: skip
+                         save_to=args.save_to if learns else None,
+                         export_to=args.export_to if learns else None)  # fmt: skip
     service = server.service  # type: ignore[attr-defined]
     stop = threading.Event()
 
@@ -358,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="file with the bearer token that all but /health need")  # fmt: skip
     srv.add_argument("--save-to", default=None,
                      help="checkpoint folder for POST /save, periodic and final saves")  # fmt: skip
+    srv.add_argument("--export-to", default=None,
+                     help="deployment folder for POST /export (replicas /reload it)")  # fmt: skip
     srv.add_argument("--save-every", type=float, default=300.0,
                      help="seconds between saves when the model learned (0: none)")  # fmt: skip
     srv.add_argument("--backend", default=None, help="kernel backend (default: the best)")

@@ -124,7 +124,7 @@ def export(
         for name in TOKENIZER_FILES:
             if (minilm_dir() / name).exists():
                 shutil.copyfile(minilm_dir() / name, tmp / name)
-        with rec._lock:
+        with rec._writing:  # (answers go on: the state cannot change meanwhile)
             tensors, ids, meta = _serving_state(rec, precision)
         from safetensors.numpy import save_file
 

@@ -15,6 +15,11 @@ JSON in and out:
                      -> {"loss": float}   (Recommender only)
     POST /items      {"items": [...], "texts": [...]} -> {"added": n}
     POST /save       -> {"saved": DIR}   (Recommender, with a save directory)
+    POST /export     {"precision": "int8"} -> {"exported": DIR, "precision", "seconds"}
+                     (Recommender, with an export directory: the ONNX deployment of the model
+                     as it is now, replaced atomically; its encoder reused when it has one)
+    POST /reload     -> {"reloaded": DIR, "items"}   (Deployment: load its directory again,
+                     e.g. after the learner's /export; answers in flight finish on the old one)
 
 Ids are JSON ints or strings, as the model knows them (a ``texts`` key is the id as text).
 Bad input is 400 with {"error": message} and changes nothing (the model's own checks); a
@@ -69,9 +74,9 @@ def _scores(a: np.ndarray) -> list[list[float | None]]:
 class Service:
     """What the HTTP handlers call: the model, its endpoints and their latency records."""
 
-    def __init__(self, model: Any, token: str | None = None,
-                 save_to: str | Path | None = None) -> None:  # fmt: skip
-        self.model, self.token, self.save_to = model, token, save_to
+    def __init__(self, model: Any, token: str | None = None, save_to: str | Path | None = None,
+                 export_to: str | Path | None = None) -> None:  # fmt: skip
+        self.model, self.token, self.save_to, self.export_to = model, token, save_to, export_to
         self.learns = hasattr(model, "feedback")
         self.routes: dict[tuple[str, str], Route] = {
             ("GET", "/health"): self.health,
@@ -84,6 +89,10 @@ class Service:
             self.routes[("POST", "/feedback")] = self.feedback
             if save_to is not None:
                 self.routes[("POST", "/save")] = self.save
+            if export_to is not None:
+                self.routes[("POST", "/export")] = self.export
+        else:
+            self.routes[("POST", "/reload")] = self.reload
         self._latency: dict[str, deque[float]] = {p: deque(maxlen=LATENCY_WINDOW)
                                                   for _, p in self.routes}  # fmt: skip
         self._errors: dict[str, int] = dict.fromkeys(self._latency, 0)
@@ -169,6 +178,30 @@ class Service:
         self.model.save(self.save_to)
         self._saved = mark
         return {"saved": str(self.save_to)}
+
+    def export(self, body: dict[str, Any]) -> dict[str, Any]:
+        from .export import export, load_manifest
+
+        assert self.export_to is not None
+        precision = body.get("precision", "int8")
+        target, t0 = Path(self.export_to), time.perf_counter()
+        reuse = None  # the encoder of the deployment there, when it has the precision asked
+        if (target / "manifest.json").exists():
+            try:
+                if load_manifest(target)["precision"] == precision:
+                    reuse = target
+            except ValueError:  # (unreadable: exported again)
+                pass
+        export(self.model, target, precision, encoder_from=reuse, overwrite=True)
+        return {"exported": str(target), "precision": precision,
+                "seconds": time.perf_counter() - t0}  # fmt: skip
+
+    def reload(self, _: dict[str, Any]) -> dict[str, Any]:
+        from .export import load_deployment
+
+        old = self.model
+        self.model = load_deployment(old.directory, providers=[old.provider])  # checked whole
+        return {"reloaded": str(old.directory), "items": int(self.model.n_items)}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -270,17 +303,18 @@ class _Server(ThreadingHTTPServer):
 
 
 def make_server(model: Any, host: str = "127.0.0.1", port: int = 8000, *,
-                token: str | None = None,
-                save_to: str | Path | None = None) -> ThreadingHTTPServer:  # fmt: skip
+                token: str | None = None, save_to: str | Path | None = None,
+                export_to: str | Path | None = None) -> ThreadingHTTPServer:  # fmt: skip
     """An HTTP server for ``model`` (a ``Recommender`` or a ``Deployment``) on ``host:port``
     (port 0: any free one, see ``server.server_address``); run it with ``serve_forever()``
     and stop it with ``shutdown()``. ``token``: the bearer token every endpoint but /health
-    needs (None: none); ``save_to``: the checkpoint directory of POST /save."""
+    needs (None: none); ``save_to``: the checkpoint directory of POST /save; ``export_to``:
+    the deployment directory of POST /export."""
     if token is not None and not token.strip():
         raise ValueError("an empty token would let anyone in")
     if token is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without a token: anyone who reaches it can write", host)
-    return _Server((host, port), Service(model, token, save_to))
+    return _Server((host, port), Service(model, token, save_to, export_to))
 
 
 __all__ = ["Service", "make_server"]

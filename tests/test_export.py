@@ -424,3 +424,43 @@ def test_a_deployment_serves_over_http(trained, deployed):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_learning_server_exports_and_a_replica_reloads(trained, deployed, tmp_path):
+    """The scale-out loop over HTTP: the learner learns, POST /export writes its deployment
+    (the encoder reused from the one there), a read-only replica POST /reload's it and then
+    answers as a fresh load of that directory does."""
+    import threading
+
+    from lrec_fast.serve import make_server
+
+    from .test_serve import call
+
+    trained.save(tmp_path / "ckpt")
+    learner = Recommender.load(tmp_path / "ckpt")  # (the module's model stays as it is)
+    shutil.copytree(deployed["int8"], tmp_path / "dep")
+    servers = [make_server(learner, port=0, export_to=tmp_path / "dep"),
+               make_server(load_deployment(tmp_path / "dep"), port=0)]  # fmt: skip
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    lurl, rurl = (f"http://127.0.0.1:{s.server_address[1]}" for s in servers)
+    try:
+        users = [learner.state.users.ids[j] for j in range(4)]
+        before = call(rurl, "POST", "/recommend", {"users": users, "k": 5}, token=None)[1]
+        items = learner.item_ids[:40]
+        body = {"users": [users[0]] * 40, "items": items, "ratings": [5.0, 1.0] * 20}
+        assert call(lurl, "POST", "/feedback", body, token=None)[0] == 200
+        assert call(rurl, "POST", "/export", token=None)[0] == 404  # (a replica has no learner)
+        status, got = call(lurl, "POST", "/export", {"precision": "int8"}, token=None)
+        assert status == 200 and got["exported"] == str(tmp_path / "dep")
+        status, got = call(rurl, "POST", "/reload", token=None)
+        assert status == 200 and got["items"] == learner.n_items
+        after = call(rurl, "POST", "/recommend", {"users": users, "k": 5}, token=None)[1]
+        items, _ = load_deployment(tmp_path / "dep").recommend(users, 5)
+        assert after["items"] == items.tolist() and after != before
+        assert call(lurl, "POST", "/export", {"precision": "int4"}, token=None)[0] == 400
+        assert call(lurl, "POST", "/reload", token=None)[0] == 404  # (the learner's is live)
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
