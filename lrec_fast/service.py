@@ -493,7 +493,7 @@ class Recommender:
         st.since_consolidation += n
         st.log((ui, ii, r), cfg.refit_log_size)
         st.since_refit += n
-        self.state.seen.add(ui.tolist(), ii.tolist(), r.tolist())
+        st.seen.add(ui.tolist(), ii.tolist(), r.tolist())
         return loss, ui
 
     def _advance_refit(self, st: ModelState, budget: float,
@@ -510,10 +510,10 @@ class Recommender:
                 self._refresh_text_priors(st)
                 if spread:
                     st.knn_pending.fill_(1)
-                self.last_refit = report
                 st.counters["refits"] += 1
             if not spread:
                 self._recompute_neighbours(st)
+            self.last_refit = report  # (once it all ran: refit() may still fail before)
             log.info("refit: %s", report)
         return report
 
