@@ -3,8 +3,9 @@ alone and while another thread streams feedback() (calls of 100 events, every 10
 new item with its text), on a MovieLens-sized model (bench_service's).
 
 An answer waits only for the part of a feedback call that changes the model in place (the
-steps, their bookkeeping, the running refit's share); the long parts (consolidation on a fork,
-the neighbour lists, new items' texts) run while answers read (README, API, "Thread-safe").
+steps and their bookkeeping); the long parts (consolidation on a fork, the neighbour lists, the
+refit's share on a copy of its rows, new items' texts) run while answers read (README, API,
+"Thread-safe").
 ``scale_check --readers`` measures the same at 20,000 users.
 
     python -m benchmarks.concurrency_check [--seconds 10] [--minilm]   # ~30 s
