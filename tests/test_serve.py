@@ -17,6 +17,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+import torch
 
 from lrec_fast import Recommender
 from lrec_fast.serve import make_server
@@ -209,10 +210,20 @@ def test_the_cli_serves_learns_and_saves_on_sigterm(stream, tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 0 and f"saved to {out}" in stdout
-    again = Recommender.load(out)
-    direct = Recommender.load(ckpt)
+    again, direct = state_bits(Recommender.load(out)), Recommender.load(ckpt)
     direct.feedback(ev.user, ev.item, ev.rating)
-    assert_same_bits(state_bits(again), state_bits(direct))
+    want = state_bits(direct)
+    # What was learned and recorded: ids, seen items, counts, logs exactly; the learned
+    # numbers to rounding: across two processes the ranking head's target rows differed in
+    # their last bits once in CI (its softmax step's GEMMs; bit for bit within one process,
+    # tested elsewhere)
+    assert again["users"] == want["users"] and again["items"] == want["items"]
+    assert again["t"].keys() == want["t"].keys()
+    for k, v in want["t"].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(again["t"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+        else:
+            assert torch.equal(again["t"][k], v), k
 
 
 def test_the_cli_needs_one_model(capsys):
