@@ -28,14 +28,19 @@ def stream():
     return make_stream(n_users=60, n_items=80, n_events=3000, seed=1)
 
 
-@pytest.fixture
-def fitted(stream) -> Recommender:
-    """A small model fitted on the first half of the synthetic stream (hashing encoder)."""
-    rec = Recommender(dim=8, encoder="hashing-64", max_epochs=5)
+def fit_small(stream, max_epochs: int = 5, **config) -> Recommender:
+    """A small model (dim 8, hashing encoder) fitted on the first half of ``stream``."""
+    rec = Recommender(dim=8, encoder="hashing-64", max_epochs=max_epochs, **config)
     rec.add_items(stream.item_ids, stream.item_text)
     ev = stream.events.take(slice(0, 1500))
     rec.fit(ev.user, ev.item, ev.rating)
     return rec
+
+
+@pytest.fixture
+def fitted(stream) -> Recommender:
+    """A small model fitted on the first half of the synthetic stream (hashing encoder)."""
+    return fit_small(stream)
 
 
 def state_bits(rec: Recommender) -> dict[str, object]:

@@ -15,18 +15,14 @@ import pytest
 from lrec_fast import Recommender, consolidation, kernels, neighbours
 from lrec_fast.kernels import cpu
 
-from .conftest import assert_same_bits, state_bits
+from .conftest import assert_same_bits, fit_small, state_bits
 
 WAIT_S = 60.0  # (a bound for a hung test, never a timing claim)
 USERS, ITEMS = [0, 1, 7, "cold"], [0, 3, 5, 9]
 
 
 def model(stream, **config) -> Recommender:
-    rec = Recommender(dim=8, encoder="hashing-64", max_epochs=3, **config)
-    rec.add_items(stream.item_ids, stream.item_text)
-    ev = stream.events.take(slice(0, 1500))
-    rec.fit(ev.user, ev.item, ev.rating)
-    return rec
+    return fit_small(stream, max_epochs=3, **config)
 
 
 def answers(rec: Recommender) -> tuple[np.ndarray, ...]:

@@ -22,17 +22,9 @@ import torch
 from lrec_fast import Recommender
 from lrec_fast.serve import make_server
 
-from .conftest import assert_same_bits, state_bits
+from .conftest import assert_same_bits, fit_small, state_bits
 
 TOKEN = "s3cret-token"
-
-
-def fitted_model(stream) -> Recommender:
-    rec = Recommender(dim=8, encoder="hashing-64", max_epochs=3)
-    rec.add_items(stream.item_ids, stream.item_text)
-    ev = stream.events.take(slice(0, 1500))
-    rec.fit(ev.user, ev.item, ev.rating)
-    return rec
 
 
 def call(url: str, method: str, path: str, body: object = None, token: str | None = TOKEN,
@@ -51,7 +43,7 @@ def call(url: str, method: str, path: str, body: object = None, token: str | Non
 @pytest.fixture
 def served(stream, tmp_path):
     """(a model served over HTTP, its base url, a twin model learning directly, save dir)."""
-    rec, twin = fitted_model(stream), fitted_model(stream)
+    rec, twin = fit_small(stream, max_epochs=3), fit_small(stream, max_epochs=3)
     server = make_server(rec, port=0, token=TOKEN, save_to=tmp_path / "ckpt")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -191,7 +183,7 @@ def test_concurrent_clients(served, stream):
 
 def test_the_cli_serves_learns_and_saves_on_sigterm(stream, tmp_path):
     ckpt, out = tmp_path / "model", tmp_path / "saved"
-    fitted_model(stream).save(ckpt)
+    fit_small(stream, max_epochs=3).save(ckpt)
     (tmp_path / "token").write_text(TOKEN + "\n")
     cmd = [sys.executable, "-m", "lrec_fast.cli", "serve", "--model", str(ckpt), "--port", "0",
            "--token-file", str(tmp_path / "token"), "--save-to", str(out)]  # fmt: skip
