@@ -207,3 +207,58 @@ def test_answers_go_on_while_a_checkpoint_is_written(stream, monkeypatch, tmp_pa
     writer.join(WAIT_S)
     assert not writer.is_alive() and out == [None], out
     assert_same_bits(state_bits(Recommender.load(tmp_path / "ck")), state_bits(rec))
+
+
+def test_every_method_from_many_threads_at_once(stream, tmp_path):
+    """Readers (recommend, predict, rank_all, score_all, stats) beside a feedback stream with
+    new items and another writer (consolidate, refit, save, add_items): no error, every event
+    learned once, every item added, and the last checkpoint loads."""
+    rec = model(stream, consolidate_every=300, consolidate_window=300, refit_every=400)
+    feed = calls(stream, 10)
+    errors: list[str] = []
+
+    def guarded(fn):
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # (reported below)
+                errors.append(repr(exc))
+
+        return threading.Thread(target=run, daemon=True)
+
+    def reader() -> None:
+        for j in range(40):
+            top, scores = rec.recommend([j % 60, "nobody"], k=5)
+            assert top.shape == (2, 5) and np.isfinite(scores[:, 0]).all()
+            assert np.isfinite(rec.predict([j % 60], [j % 80])).all()
+            if j % 10 == 0:
+                rec.rank_all([0])
+                rec.score_all([0])
+                rec.stats()
+
+    def writer() -> None:
+        for c, (u, i, r) in enumerate(feed):
+            i = list(i)
+            i[0] = f"new-{c}"
+            rec.feedback(u, i, r, texts={i[0]: f"A New Film {c} | Drama"})
+
+    def other() -> None:
+        for j in range(8):
+            if j % 4 == 0:
+                rec.consolidate()
+            elif j % 4 == 1:
+                rec.refit()
+            elif j % 4 == 2:
+                rec.save(tmp_path / "ck")
+            else:
+                rec.add_items([f"added-{j}"], [f"Added {j} | Comedy"])
+
+    threads = [guarded(f) for f in (reader, reader, writer, other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(4 * WAIT_S)
+    assert not any(t.is_alive() for t in threads) and not errors, errors
+    assert int(rec.state.item_count.t.sum()) == 1500 + 1000
+    assert rec.n_items == 80 + 10 + 2 and rec.stats()["feedback_calls"] == 10
+    assert Recommender.load(tmp_path / "ck").n_items <= rec.n_items
