@@ -295,7 +295,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.save_to and args.model is not None and args.save_every > 0:
         threading.Thread(target=saver, daemon=True).start()
-    # SIGTERM (a service manager's stop) ends it as Ctrl-C does: answers finish, a last save
+    # SIGTERM (a service manager's stop) ends it as Ctrl-C does: no new requests, a last save
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     host, port = args.host, server.server_address[1]  # (the port bound, for --port 0)
     print(f"serving {type(model).__name__} ({model.n_users:,} users, {model.n_items:,} items) "
