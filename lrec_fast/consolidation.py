@@ -232,14 +232,18 @@ def _order(state: ModelState, key: int, epoch: int, n: int, seed: int) -> torch.
     return cached[3]
 
 
-def _published_slice(
+def _guarded_slice(
     state: ModelState, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
     cfg: LearnerConfig, backend: str, clip: tuple[float, float] | None,
-    lock: AbstractContextManager[Any],
+    lock: AbstractContextManager[Any] = NO_LOCK,
 ) -> tuple[float, float] | None:  # fmt: skip
-    """``_guarded_slice`` on a copy of the rows it touches (the rating tables' rows of its
-    users and items, the scales and mu), so that answers need not wait for it: the copy is
-    stepped without ``lock``, then written back and the scales folded under it. The same
+    """Step the events (time order = step order) in mini-batches at the fit's rates, gain 1,
+    with the guard rail on the slice whole: the touched rows, scales and mu finite, and the
+    slice's loss after it at most explode_ratio x before or the range's squared width. The
+    steps run on a copy of the rows it touches (the rating tables' rows of its users and
+    items, the scales and mu), without ``lock``, so that answers need not wait; a sound slice
+    is written back and the scales folded under ``lock`` and (MSE before, MSE after)
+    returned; on failure (or an error) nothing is written: None (or it raises). The same
     numbers as stepping the tables themselves: each row's step reads only its own row, the
     scales and mu, and the copy keeps the rows' order (sorted unique rows). The caller keeps
     other writers out."""
@@ -250,52 +254,19 @@ def _published_slice(
     for name, idx in rows:
         getattr(part, name).set(getattr(state, name).t[idx])
     part.scales, part.mu = state.scales.clone(), state.mu.clone()
-    result = _guarded_slice(part, u_at, i_at, ratings, cfg, backend, clip, fold=False)
-    if result is not None:
-        with lock:
-            for name, idx in rows:
-                getattr(state, name).t[idx] = getattr(part, name).t
-            state.scales.copy_(part.scales)
-            state.mu.copy_(part.mu)
-            state.fold_scales(cfg.fold_threshold)
-    return result
-
-
-def _guarded_slice(
-    state: ModelState, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
-    cfg: LearnerConfig, backend: str, clip: tuple[float, float] | None, fold: bool = True,
-) -> tuple[float, float] | None:  # fmt: skip
-    """Step the events (time order = step order) in mini-batches at the fit's rates, gain 1,
-    with the guard rail on the slice whole: the touched rows, scales and mu finite, and the
-    slice's loss after it at most explode_ratio x before or the range's squared width. On
-    failure (or an error) the touched rows, scales and mu go back bit for bit (no fold ran
-    meanwhile), and it returns None (or raises); else (MSE before, MSE after), the scales
-    folded if ``fold``."""
-    tu, ti = users.unique(), items.unique()
-    rows = (("user_rows", tu), ("user_bias", tu), ("item_rows", ti), ("item_bias", ti))
-    saved = [getattr(state, name).t[idx].clone() for name, idx in rows]
-    scales, mu = state.scales.clone(), state.mu.clone()
-
-    def undo() -> None:
-        for (name, idx), value in zip(rows, saved, strict=True):
-            getattr(state, name).t[idx] = value
-        state.scales.copy_(scales)
-        state.mu.copy_(mu)
-
     lr, wd = online.fit_rates(cfg)
-    try:
-        before = online.mse(state, users, items, ratings)
-        online.unguarded_pass(state, users, items, ratings, lr, wd, cfg, backend)
-        after = online.mse(state, users, items, ratings)
-    except BaseException:
-        undo()
-        raise
-    sound = all(bool(torch.isfinite(getattr(state, name).t[idx]).all()) for name, idx in rows)
-    sound = sound and bool(torch.isfinite(state.scales).all()) and math.isfinite(float(state.mu))
+    before = online.mse(part, u_at, i_at, ratings)
+    online.unguarded_pass(part, u_at, i_at, ratings, lr, wd, cfg, backend)
+    after = online.mse(part, u_at, i_at, ratings)
+    sound = all(bool(torch.isfinite(getattr(part, name).t).all()) for name, _ in rows)
+    sound = sound and bool(torch.isfinite(part.scales).all()) and math.isfinite(float(part.mu))
     if not (sound and after <= max(cfg.explode_ratio * before, online.range_loss(clip))):
-        undo()
         return None
-    if fold:
+    with lock:
+        for name, idx in rows:
+            getattr(state, name).t[idx] = getattr(part, name).t
+        state.scales.copy_(part.scales)
+        state.mu.copy_(part.mu)
         state.fold_scales(cfg.fold_threshold)
     return before, after
 
@@ -309,7 +280,7 @@ def refit_advance(
     off the log since it started are skipped. Returns its report when it has ended (all
     passes made, or a slice diverged: that slice rolled back, the refit stopped), else None.
     Each slice steps a copy of its rows and writes them back under ``lock``
-    (``_published_slice``: answers read meanwhile).
+    (``_guarded_slice``: answers read meanwhile).
     A refit that covers no event ends at once."""
     key, start, n, done, total = state.refit_job.tolist()
     stats = state.refit_stats
@@ -325,7 +296,7 @@ def refit_advance(
         at = at[at >= 0]  # trimmed off the log meanwhile
         if at.numel():
             u, i, r = state.log_users.t[at], state.log_items.t[at], state.log_ratings.t[at]
-            result = _published_slice(state, u, i, r, cfg, backend, clip, lock)
+            result = _guarded_slice(state, u, i, r, cfg, backend, clip, lock)
             if result is None:
                 failed_in = epoch + 1
             else:
